@@ -1,0 +1,106 @@
+// CPU host functions of kd_loss: argument checks, output allocation, and dispatch to
+// the kernels of the best instruction set this CPU supports.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "../build_info.h"
+#include "../kd_loss.h"
+#include "kd_loss_cpu.h"
+
+namespace kdfast {
+namespace cpu {
+namespace {
+
+using KernelFn = void (*)(const KdLossParams&, c10::ScalarType, c10::ScalarType);
+
+// The kernels of the best instruction set that this CPU runs and this build compiled,
+// chosen once (torch reads ATEN_CPU_CAPABILITY once too).
+std::pair<KernelFn, KernelFn> pick_kernels() {
+  const std::string cap = cpu_capability_in_use();
+#ifdef KDFAST_CPU_AVX512
+  if (cap == "AVX512") return {&kd_loss_forward_avx512, &kd_loss_backward_avx512};
+#endif
+#ifdef KDFAST_CPU_AVX2
+  if (cap == "AVX2" || cap == "AVX512") return {&kd_loss_forward_avx2, &kd_loss_backward_avx2};
+#endif
+  return {&kd_loss_forward_default, &kd_loss_backward_default};
+}
+
+const std::pair<KernelFn, KernelFn>& select_kernels() {
+  static const std::pair<KernelFn, KernelFn> kernels = pick_kernels();
+  return kernels;
+}
+
+void check_cpu(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "kd_loss: ", name, " must be a CPU tensor here, got ", x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                       const c10::optional<at::Tensor>& labels,
+                                                       double temperature, double alpha, int64_t divergence,
+                                                       double beta, int64_t ignore_index) {
+  check_cpu(student, "student_logits");
+  check_cpu(teacher, "teacher_logits");
+  KdLossProblem problem =
+      prepare_kd_loss(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index);
+  KdLossParams& p = problem.params;
+  if (problem.labels.defined()) check_label_range(problem.labels, p.vocab, ignore_index);
+  const auto acc = student.options().dtype(problem.acc_dtype);
+  at::Tensor loss = at::empty(row_shape(student), acc);
+  at::Tensor stats = at::empty({p.rows, kStatsCols}, acc);
+  if (p.rows == 0) return {loss, stats};
+  p.loss = loss.data_ptr();
+  p.stats = stats.data_ptr();
+  select_kernels().first(p, problem.student.scalar_type(), problem.teacher.scalar_type());
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const c10::optional<at::Tensor>& labels, const at::Tensor& stats, double temperature, double alpha,
+    int64_t divergence, double beta, int64_t ignore_index, bool student_requires_grad,
+    bool teacher_requires_grad) {
+  check_cpu(student, "student_logits");
+  check_cpu(teacher, "teacher_logits");
+  KdLossProblem problem =
+      prepare_kd_loss(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index);
+  KdLossParams& p = problem.params;
+  TORCH_CHECK(grad_loss.scalar_type() == problem.acc_dtype, "kd_loss_backward: grad_loss must be ",
+              problem.acc_dtype, ", got ", grad_loss.scalar_type());
+  TORCH_CHECK(grad_loss.numel() == p.rows, "kd_loss_backward: grad_loss must have ", p.rows,
+              " elements (one per row), got ", grad_loss.numel());
+  TORCH_CHECK(stats.scalar_type() == problem.acc_dtype && stats.dim() == 2 && stats.size(0) == p.rows &&
+                  stats.size(1) == kStatsCols,
+              "kd_loss_backward: stats must be ", problem.acc_dtype, " [", p.rows, ", ", kStatsCols,
+              "] from kd_loss_forward, got ", stats.scalar_type(), " ", stats.sizes());
+  check_cpu(grad_loss, "grad_loss");
+  check_cpu(stats, "stats");
+
+  at::Tensor grad_s = student_requires_grad
+                          ? at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous))
+                          : at::empty({0}, student.options());
+  at::Tensor grad_t = teacher_requires_grad
+                          ? at::empty(teacher.sizes(), teacher.options().memory_format(at::MemoryFormat::Contiguous))
+                          : at::empty({0}, teacher.options());
+  if (p.rows == 0 || !(student_requires_grad || teacher_requires_grad)) return {grad_s, grad_t};
+  const at::Tensor grad_loss_c = grad_loss.reshape({p.rows}).contiguous();
+  const at::Tensor stats_c = stats.contiguous();
+  p.grad_loss = grad_loss_c.const_data_ptr();
+  p.stats_in = stats_c.const_data_ptr();
+  p.grad_student = student_requires_grad ? grad_s.data_ptr() : nullptr;
+  p.grad_teacher = teacher_requires_grad ? grad_t.data_ptr() : nullptr;
+  select_kernels().second(p, problem.student.scalar_type(), problem.teacher.scalar_type());
+  return {grad_s, grad_t};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace kdfast
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("kd_loss_forward", &kdfast::cpu::kd_loss_forward_cpu);
+  m.impl("kd_loss_backward", &kdfast::cpu::kd_loss_backward_cpu);
+}

@@ -1,0 +1,6 @@
+// kd_loss CPU kernels for any CPU (at::vec's portable Vectorized).
+#define CPU_CAPABILITY DEFAULT
+#define CPU_CAPABILITY_DEFAULT
+#include "kd_loss_kernel.h"
+
+KDFAST_DEFINE_KD_LOSS_CPU_KERNELS(default)

@@ -1,0 +1,129 @@
+// Host-side argument checks and layout computation shared by every backend.
+#include "kd_loss.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <utility>
+#include <vector>
+
+namespace kdfast {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// Tries to describe the rows of x (stride(-1) == 1) with a two-level RowLayout.
+bool two_level_layout(const at::Tensor& x, RowLayout& out) {
+  // (size, stride) of the leading dims, size-1 dims dropped, mergeable dims merged.
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (int64_t d = 0; d < x.dim() - 1; ++d) {
+    const int64_t size = x.size(d), stride = x.stride(d);
+    if (size == 1) continue;
+    if (!dims.empty() && dims.back().second == stride * size) {
+      dims.back() = {dims.back().first * size, stride};
+    } else {
+      dims.emplace_back(size, stride);
+    }
+  }
+  if (dims.empty()) {
+    out = RowLayout{1, 0, 0};
+  } else if (dims.size() == 1) {
+    out = RowLayout{1, dims[0].second, 0};
+  } else if (dims.size() == 2) {
+    out = RowLayout{dims[1].first, dims[0].second, dims[1].second};
+  } else {
+    return false;
+  }
+  return true;
+}
+
+// Returns x itself when its rows can be addressed in place, else a contiguous copy.
+at::Tensor rows_addressable(const at::Tensor& x, RowLayout& layout) {
+  const int64_t vocab = x.size(-1);
+  if ((vocab == 1 || x.stride(-1) == 1) && two_level_layout(x, layout)) return x;
+  at::Tensor c = x.contiguous();
+  TORCH_INTERNAL_ASSERT(two_level_layout(c, layout));
+  return c;
+}
+
+}  // namespace
+
+c10::IntArrayRef row_shape(const at::Tensor& logits) {
+  return logits.sizes().slice(0, logits.dim() - 1);
+}
+
+KdLossProblem prepare_kd_loss(const at::Tensor& student, const at::Tensor& teacher,
+                              const c10::optional<at::Tensor>& labels, double temperature,
+                              double alpha, int64_t divergence, double beta,
+                              int64_t ignore_index) {
+  TORCH_CHECK(student.dim() >= 1, "kd_loss: student_logits must have at least 1 dimension [..., V], got a scalar");
+  TORCH_CHECK(student.sizes() == teacher.sizes(),
+              "kd_loss: student_logits and teacher_logits must have the same shape, got ",
+              student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK(student.device() == teacher.device(),
+              "kd_loss: student_logits and teacher_logits must be on the same device, got ",
+              student.device(), " and ", teacher.device());
+  TORCH_CHECK(is_supported_float(student.scalar_type()),
+              "kd_loss: student_logits must be float32, float16, bfloat16 or float64, got ",
+              student.scalar_type());
+  TORCH_CHECK(is_supported_float(teacher.scalar_type()),
+              "kd_loss: teacher_logits must be float32, float16, bfloat16 or float64, got ",
+              teacher.scalar_type());
+  TORCH_CHECK((student.scalar_type() == at::kDouble) == (teacher.scalar_type() == at::kDouble),
+              "kd_loss: float64 student_logits and teacher_logits must both be float64, got ",
+              student.scalar_type(), " and ", teacher.scalar_type());
+  TORCH_CHECK(student.size(-1) >= 1, "kd_loss: the vocabulary (last) dimension of student_logits must be >= 1");
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              "kd_loss: temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK(alpha >= 0 && alpha <= 1, "kd_loss: alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK(divergence >= 0 && divergence <= 2,
+              "kd_loss: divergence must be 0 (forward_kl), 1 (reverse_kl) or 2 (jsd), got ", divergence);
+  if (divergence == static_cast<int64_t>(Divergence::JSD)) {
+    TORCH_CHECK(beta > 0 && beta < 1, "kd_loss: beta must be in (0, 1) for divergence='jsd', got ", beta);
+  }
+
+  KdLossProblem problem;
+  KdLossParams& p = problem.params;
+  problem.student = rows_addressable(student, p.student_layout);
+  problem.teacher = rows_addressable(teacher, p.teacher_layout);
+  p.vocab = student.size(-1);
+  p.rows = p.vocab == 0 ? 0 : student.numel() / p.vocab;
+
+  if (labels.has_value()) {
+    const at::Tensor& l = *labels;
+    TORCH_CHECK(l.scalar_type() == at::kLong, "kd_loss: labels must be int64, got ", l.scalar_type());
+    TORCH_CHECK(l.device() == student.device(), "kd_loss: labels must be on the device of student_logits (",
+                student.device(), "), got ", l.device());
+    TORCH_CHECK(l.sizes() == row_shape(student),
+                "kd_loss: labels must have the leading shape of student_logits ", row_shape(student),
+                ", got ", l.sizes());
+    problem.labels = l.reshape({p.rows}).contiguous();
+    p.labels = problem.labels.data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(alpha == 0, "kd_loss: alpha > 0 needs labels, got alpha=", alpha, " and labels=None");
+  }
+
+  problem.acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.student = problem.student.const_data_ptr();
+  p.teacher = problem.teacher.const_data_ptr();
+  p.ignore_index = ignore_index;
+  p.temperature = temperature;
+  p.alpha = alpha;
+  p.beta = beta;
+  p.divergence = static_cast<Divergence>(divergence);
+  return problem;
+}
+
+void check_label_range(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
+  if (!labels.defined() || labels.numel() == 0) return;
+  const at::Tensor bad = labels.ne(ignore_index).logical_and_(labels.lt(0).logical_or_(labels.ge(vocab)));
+  if (bad.any().item<bool>()) {
+    const int64_t first = bad.nonzero().select(1, 0).select(0, 0).item<int64_t>();
+    TORCH_CHECK(false, "kd_loss: labels must be in [0, ", vocab, ") or equal ignore_index (", ignore_index,
+                "), got labels[", first, "] = ", labels[first].item<int64_t>());
+  }
+}
+
+}  // namespace kdfast

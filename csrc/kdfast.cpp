@@ -1,0 +1,37 @@
+// Operator schemas of the kdfast namespace (nothing else lives here) and the
+// kdfast._C Python module, which registers them on import and reports build facts.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#include "build_info.h"
+
+TORCH_LIBRARY(kdfast, m) {
+  // Per-row temperature-softmax distillation loss and the row statistics the
+  // backward needs; math in docs/kd_loss_math.md.
+  m.def(
+      "kd_loss_forward(Tensor student, Tensor teacher, Tensor? labels, float temperature, "
+      "float alpha, int divergence, float beta, int ignore_index) -> (Tensor loss, Tensor stats)");
+  // Gradients of the per-row loss, scaled by grad_loss, in one pass over the inputs.
+  m.def(
+      "kd_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, "
+      "Tensor stats, float temperature, float alpha, int divergence, float beta, int ignore_index, "
+      "bool student_requires_grad, bool teacher_requires_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kdfast compiled kernels; importing this module registers the kdfast ops.";
+  m.attr("__version__") = KDFAST_VERSION;
+#ifdef KDFAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.attr("cuda_archs") = std::string(KDFAST_CUDA_ARCHS);
+#else
+  m.attr("with_cuda") = false;
+  m.attr("cuda_archs") = std::string();
+#endif
+  m.def("cpu_capabilities_built", &kdfast::cpu_capabilities_built,
+        "CPU instruction sets the kernels were compiled for, e.g. ['DEFAULT', 'AVX2', 'AVX512'].");
+  m.def("cpu_capability", &kdfast::cpu_capability_in_use,
+        "The CPU instruction set the kernels use on this machine (honours ATEN_CPU_CAPABILITY).");
+}

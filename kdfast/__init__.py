@@ -1,0 +1,29 @@
+"""kdfast: fused, memory-lean knowledge-distillation losses for PyTorch.
+
+Example::
+
+    >>> import torch, kdfast
+    >>> student = torch.randn(8, 100, requires_grad=True)
+    >>> teacher = torch.randn(8, 100)
+    >>> loss = kdfast.kd_loss(student, teacher, temperature=2.0)
+    >>> loss.backward()
+"""
+
+__version__ = "0.1.0"
+
+from kdfast import ops as _ops  # noqa: F401  (registers fake / autograd for the ops)
+from kdfast import reference
+from kdfast._extension import build_info, has_extension, has_kernel
+from kdfast.functional import DIVERGENCES, REDUCTIONS, kd_loss
+from kdfast.losses import KDLoss
+
+__all__ = [
+    "DIVERGENCES",
+    "KDLoss",
+    "REDUCTIONS",
+    "build_info",
+    "has_extension",
+    "has_kernel",
+    "kd_loss",
+    "reference",
+]

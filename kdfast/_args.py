@@ -1,0 +1,97 @@
+"""Argument checks and reductions shared by the kernel path and the reference."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+REDUCTIONS = ("batchmean", "sum", "none")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_options(temperature: float, alpha: float, divergence: str, beta: float, reduction: str,
+                  ignore_index: int) -> int:
+    """Validates the scalar options; returns the divergence code used by the ops."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"kd_loss: temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"kd_loss: temperature must be finite and > 0, got {temperature}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"kd_loss: alpha must be a float, got {type(alpha).__name__}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"kd_loss: alpha must be in [0, 1], got {alpha}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"kd_loss: divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"kd_loss: beta must be a float, got {type(beta).__name__}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"kd_loss: beta must be in (0, 1) for divergence='jsd', got {beta}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"kd_loss: ignore_index must be an int, got {type(ignore_index).__name__}")
+    return DIVERGENCES.index(divergence)
+
+
+def check_tensors(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  labels: Optional[torch.Tensor], alpha: float) -> Optional[torch.Tensor]:
+    """Validates the tensors (shapes, dtypes, devices); returns labels as int64."""
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"kd_loss: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"kd_loss: {name} must be float32, float16 or bfloat16 "
+                            f"(float64 for testing), got {x.dtype}")
+        if x.dim() < 1:
+            raise ValueError(f"kd_loss: {name} must have shape [..., V], got a 0-dim tensor")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError("kd_loss: student_logits and teacher_logits must have the same shape, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.shape[-1] < 1:
+        raise ValueError("kd_loss: student_logits must have a vocabulary (last) dimension >= 1")
+    if (student_logits.dtype == torch.float64) != (teacher_logits.dtype == torch.float64):
+        raise TypeError("kd_loss: float64 student_logits and teacher_logits must both be float64, got "
+                        f"{student_logits.dtype} and {teacher_logits.dtype}")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError("kd_loss: student_logits and teacher_logits must be on the same device, got "
+                         f"{student_logits.device} and {teacher_logits.device}")
+    if labels is None:
+        if alpha > 0:
+            raise ValueError(f"kd_loss: alpha > 0 needs labels, got alpha={alpha} and labels=None")
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"kd_loss: labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"kd_loss: labels must be an integer tensor (int64), got {labels.dtype}")
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError("kd_loss: labels must have the leading shape of student_logits "
+                         f"{tuple(student_logits.shape[:-1])}, got {tuple(labels.shape)}")
+    if labels.device != student_logits.device:
+        raise ValueError(f"kd_loss: labels must be on {student_logits.device}, got {labels.device}")
+    return labels.long()
+
+
+def check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raises if a label is outside [0, vocab) and is not ignore_index (synchronises on GPU)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(f"kd_loss: labels must be in [0, {vocab}) or equal ignore_index "
+                         f"({ignore_index}), got {value}")
+
+
+def reduce_rows(rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int,
+                reduction: str) -> torch.Tensor:
+    """Applies ``reduction`` to per-row losses (ignored rows already hold 0)."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if labels is None:
+        return total / max(rows.numel(), 1)
+    counted = (labels != ignore_index).sum().clamp_(min=1)
+    return total / counted

@@ -1,0 +1,106 @@
+"""Loads the compiled ``kdfast._C`` module, or explains how to build it.
+
+Importing ``kdfast._C`` registers the ``torch.ops.kdfast`` operators. When the
+module is missing (a source checkout that was never built, a wheel for another
+platform) or disabled with ``KDFAST_DISABLE_EXTENSION=1``, kdfast still imports and
+its public functions fall back to the plain-PyTorch reference in
+:mod:`kdfast.reference`, after one warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` in the kdfast checkout "
+    "(CPU kernels always; CUDA kernels when torch has CUDA and a CUDA toolkit is found)"
+)
+
+_C: ModuleType | None = None
+_load_error: str | None = None
+_warned: set = set()
+_kernel_cache: dict = {}
+
+if os.environ.get("KDFAST_DISABLE_EXTENSION", "") not in ("", "0"):
+    _load_error = "disabled by KDFAST_DISABLE_EXTENSION"
+else:
+    try:
+        _C = importlib.import_module("kdfast._C")  # registers torch.ops.kdfast.*
+    except ImportError as exc:  # pragma: no cover - exercised by the fallback test
+        _load_error = str(exc)
+
+
+def has_extension() -> bool:
+    """True when the compiled kernels are loaded (``kdfast._C`` imported)."""
+    return _C is not None
+
+
+def warn_fallback(device_type: str) -> None:
+    """Warns once per device type that the plain-PyTorch reference replaces the kernels."""
+    if device_type in _warned:
+        return
+    _warned.add(device_type)
+    if _C is None:
+        why = f"the compiled extension kdfast._C is not available ({_load_error})"
+    else:
+        why = f"kdfast._C was built without {device_type} kernels"
+    warnings.warn(
+        f"kdfast: {why}; using the slow plain-PyTorch reference on {device_type}. "
+        f"To get the fused kernels, {BUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def has_kernel(op_name: str, device_type: str) -> bool:
+    """Whether ``torch.ops.kdfast.<op_name>`` has a kernel for ``device_type``.
+
+    Asks the dispatcher, so it reflects what was actually compiled and loaded.
+
+    Example::
+
+        >>> kdfast.has_kernel("kd_loss_forward", "cpu")
+        True
+    """
+    if _C is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type.lower(), device_type)
+    dump = torch._C._dispatch_dump(f"kdfast::{op_name}")
+    return any(line.startswith(f"{key}:") for line in dump.splitlines())
+
+
+def has_kernel_cached(op_name: str, device_type: str) -> bool:
+    """:func:`has_kernel`, memoised: the dispatcher table does not change after import."""
+    key = (op_name, device_type)
+    if key not in _kernel_cache:
+        _kernel_cache[key] = has_kernel(op_name, device_type)
+    return _kernel_cache[key]
+
+
+def build_info() -> dict:
+    """Facts about the build: version, CUDA support and architectures, CPU ISA.
+
+    Example::
+
+        >>> kdfast.build_info()["cpu_capability"]
+        'AVX512'
+    """
+    from kdfast import __version__
+
+    info: dict = {"version": __version__, "torch": torch.__version__, "extension": _C is not None}
+    if _C is None:
+        info["extension_error"] = _load_error
+        return info
+    info.update(
+        extension_version=_C.__version__,
+        with_cuda=bool(_C.with_cuda),
+        cuda_archs=_C.cuda_archs.split(";") if _C.cuda_archs else [],
+        cpu_capabilities_built=list(_C.cpu_capabilities_built()),
+        cpu_capability=_C.cpu_capability(),
+    )
+    return info

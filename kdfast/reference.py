@@ -1,0 +1,186 @@
+"""Plain-PyTorch reference of every kdfast op.
+
+It is the fallback when the compiled extension is missing, the executable form of
+``docs/kd_loss_math.md`` and a readable statement of what each kernel computes.
+Math is done in float32 (float64 for float64 inputs), like the kernels.
+
+Example::
+
+    >>> import torch, kdfast
+    >>> s, t = torch.randn(4, 10), torch.randn(4, 10)
+    >>> kdfast.reference.kd_loss(s, t, temperature=2.0)
+    tensor(...)
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from kdfast._args import (
+    DIVERGENCES,
+    check_label_values,
+    check_options,
+    check_tensors,
+    reduce_rows,
+)
+
+Tensor = torch.Tensor
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _masked_diff(weight: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``a - b`` where ``weight > 0``, else 0: a zero-probability term contributes
+    nothing, even for ``-inf - (-inf)``, and passes no NaN gradient."""
+    keep = weight > 0
+    return torch.where(keep, a, 0.0) - torch.where(keep, b, 0.0)
+
+
+def _safe_log(x: Tensor) -> Tensor:
+    positive = x > 0
+    return torch.where(positive, torch.log(torch.where(positive, x, 1.0)), float("-inf"))
+
+
+def divergence_rows(student: Tensor, teacher: Tensor, temperature: float, divergence: str,
+                    beta: float) -> Tensor:
+    """Per-row divergence ``D`` between ``softmax(teacher/T)`` and ``softmax(student/T)``.
+
+    Shapes: ``[N, V]`` in, ``[N]`` out (accumulation dtype).
+    """
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "forward_kl":
+        return (p * _masked_diff(p, log_p, log_q)).sum(-1)
+    if divergence == "reverse_kl":
+        return (q * _masked_diff(q, log_q, log_p)).sum(-1)
+    log_m = _safe_log(beta * p + (1.0 - beta) * q)
+    kl_pm = (p * _masked_diff(p, log_p, log_m)).sum(-1)
+    kl_qm = (q * _masked_diff(q, log_q, log_m)).sum(-1)
+    return beta * kl_pm + (1.0 - beta) * kl_qm
+
+
+def kd_loss_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], temperature: float,
+                 alpha: float, divergence: str, beta: float, ignore_index: int) -> Tensor:
+    """Per-row loss ``(1 - alpha) T^2 D + alpha CE`` (0 on ignored rows).
+
+    Shapes: ``student``, ``teacher`` ``[..., V]``; ``labels`` ``[...]`` or None;
+    returns ``[...]`` in float32 (float64 for float64 inputs). Differentiable.
+    """
+    acc = _acc_dtype(student)
+    vocab = student.shape[-1]
+    s = student.reshape(-1, vocab).to(acc)
+    t = teacher.reshape(-1, vocab).to(acc)
+    y = None if labels is None else labels.reshape(-1)
+    if y is not None:
+        counted = (y != ignore_index).unsqueeze(-1)
+        # Zeroed ignored rows keep NaN / inf of unused rows out of the result and gradient.
+        s = torch.where(counted, s, 0.0)
+        t = torch.where(counted, t, 0.0)
+    rows = divergence_rows(s, t, temperature, divergence, beta) * ((1.0 - alpha) * temperature**2)
+    if alpha > 0:
+        rows = rows + alpha * F.cross_entropy(s, y, ignore_index=ignore_index, reduction="none")
+    if y is not None:
+        rows = torch.where(counted.squeeze(-1), rows, 0.0)
+    return rows.reshape(student.shape[:-1])
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+            temperature: float = 1.0, alpha: float = 0.0, divergence: str = "forward_kl",
+            beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean") -> Tensor:
+    """Reference :func:`kdfast.kd_loss`: same arguments, same result, plain PyTorch."""
+    check_options(temperature, alpha, divergence, beta, reduction, ignore_index)
+    labels = check_tensors(student_logits, teacher_logits, labels, alpha)
+    if labels is not None:
+        check_label_values(labels, student_logits.shape[-1], ignore_index)
+    rows = kd_loss_rows(student_logits, teacher_logits, labels, temperature, alpha, divergence,
+                        beta, ignore_index)
+    return reduce_rows(rows, labels, ignore_index, reduction)
+
+
+# --- references of the ops themselves (torch.ops.kdfast.*) -------------------------------
+
+
+def kd_loss_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], temperature: float,
+                    alpha: float, divergence: int, beta: float,
+                    ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """Reference of ``torch.ops.kdfast.kd_loss_forward``: (per-row loss ``[...]``,
+    row statistics ``[N, 7]``), see ``docs/kd_loss_math.md``."""
+    name = DIVERGENCES[divergence]
+    acc = _acc_dtype(student)
+    vocab = student.shape[-1]
+    with torch.no_grad():
+        loss = kd_loss_rows(student, teacher, labels, temperature, alpha, name, beta, ignore_index)
+        s = student.reshape(-1, vocab).to(acc)
+        t = teacher.reshape(-1, vocab).to(acc)
+        max_s, max_t = s.amax(-1), t.amax(-1)
+        log_z_s = torch.logsumexp((s - max_s[:, None]) / temperature, -1)
+        log_z_t = torch.logsumexp((t - max_t[:, None]) / temperature, -1)
+        log_z_s1 = (torch.logsumexp(s - max_s[:, None], -1) if alpha > 0
+                    else torch.zeros_like(log_z_s))
+        log_q = (s - max_s[:, None]) / temperature - log_z_s[:, None]
+        log_p = (t - max_t[:, None]) / temperature - log_z_t[:, None]
+        p, q = log_p.exp(), log_q.exp()
+        zero = torch.zeros_like(log_z_s)
+        if name == "forward_kl":
+            aux_s, aux_t = zero, (p * _masked_diff(p, log_p, log_q)).sum(-1)
+        elif name == "reverse_kl":
+            aux_s, aux_t = (q * _masked_diff(q, log_q, log_p)).sum(-1), zero
+        else:
+            log_m = _safe_log(beta * p + (1.0 - beta) * q)
+            aux_s = (q * _masked_diff(q, log_q, log_m)).sum(-1)
+            aux_t = (p * _masked_diff(p, log_p, log_m)).sum(-1)
+        stats = torch.stack([max_s, max_t, log_z_s, log_z_t, log_z_s1, aux_s, aux_t], dim=-1)
+    return loss, stats
+
+
+def kd_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: Optional[Tensor],
+                     stats: Tensor, temperature: float, alpha: float, divergence: int, beta: float,
+                     ignore_index: int, student_requires_grad: bool,
+                     teacher_requires_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Reference of ``torch.ops.kdfast.kd_loss_backward``: the closed-form gradients of
+    ``docs/kd_loss_math.md`` scaled by ``grad_loss``; empty tensors where not requested."""
+    name = DIVERGENCES[divergence]
+    acc = _acc_dtype(student)
+    vocab = student.shape[-1]
+    s = student.reshape(-1, vocab).to(acc)
+    t = teacher.reshape(-1, vocab).to(acc)
+    max_s, max_t, log_z_s, log_z_t, log_z_s1, aux_s, aux_t = (
+        stats[:, i : i + 1].to(acc) for i in range(7))
+    log_q = (s - max_s) / temperature - log_z_s
+    log_p = (t - max_t) / temperature - log_z_t
+    p, q = log_p.exp(), log_q.exp()
+    c = (1.0 - alpha) * temperature
+    w = grad_loss.reshape(-1, 1).to(acc)
+    grad_s = grad_t = None
+    if name == "forward_kl":
+        grad_s = c * (q - p)
+        grad_t = c * p * (_masked_diff(p, log_p, log_q) - aux_t)
+    elif name == "reverse_kl":
+        grad_s = c * q * (_masked_diff(q, log_q, log_p) - aux_s)
+        grad_t = c * (p - q)
+    else:
+        log_m = _safe_log(beta * p + (1.0 - beta) * q)
+        grad_s = c * (1.0 - beta) * q * (_masked_diff(q, log_q, log_m) - aux_s)
+        grad_t = c * beta * p * (_masked_diff(p, log_p, log_m) - aux_t)
+    if alpha > 0:
+        q1 = torch.exp(s - max_s - log_z_s1)
+        y = labels.reshape(-1)
+        onehot = F.one_hot(torch.where(y == ignore_index, 0, y), vocab).to(acc)
+        grad_s = grad_s + alpha * (q1 - onehot)
+    grad_s, grad_t = grad_s * w, grad_t * w
+    if labels is not None:
+        # Ignored rows get exactly 0, even where their terms are NaN.
+        counted = labels.reshape(-1, 1) != ignore_index
+        grad_s = torch.where(counted, grad_s, 0.0)
+        grad_t = torch.where(counted, grad_t, 0.0)
+    empty = student.new_empty(0)
+    out_s = grad_s.to(student.dtype).reshape(student.shape) if student_requires_grad else empty
+    out_t = (grad_t.to(teacher.dtype).reshape(teacher.shape) if teacher_requires_grad
+             else teacher.new_empty(0))
+    return out_s, out_t
