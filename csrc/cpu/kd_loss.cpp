@@ -3,8 +3,14 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <tuple>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "../build_info.h"
 #include "../kd_loss.h"
@@ -32,6 +38,27 @@ std::pair<KernelFn, KernelFn> pick_kernels() {
 const std::pair<KernelFn, KernelFn>& select_kernels() {
   static const std::pair<KernelFn, KernelFn> kernels = pick_kernels();
   return kernels;
+}
+
+// A gradient-sized output is written once, right after allocation; with 4 KiB pages
+// its first-touch faults cost more than the kernel, so hint transparent huge pages
+// (a no-op where THP is off; KDFAST_CPU_HUGEPAGES=0 disables the hint).
+at::Tensor empty_gradient(const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* env = std::getenv("KDFAST_CPU_HUGEPAGES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (start + out.nbytes()) & ~(kHugePage - 1);
+  if (enabled && end >= begin + 4 * kHugePage) {
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: failure is harmless
+  }
+#endif
+  return out;
 }
 
 void check_cpu(const at::Tensor& x, const char* name) {
@@ -79,12 +106,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
   check_cpu(grad_loss, "grad_loss");
   check_cpu(stats, "stats");
 
-  at::Tensor grad_s = student_requires_grad
-                          ? at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous))
-                          : at::empty({0}, student.options());
-  at::Tensor grad_t = teacher_requires_grad
-                          ? at::empty(teacher.sizes(), teacher.options().memory_format(at::MemoryFormat::Contiguous))
-                          : at::empty({0}, teacher.options());
+  at::Tensor grad_s = student_requires_grad ? empty_gradient(student) : at::empty({0}, student.options());
+  at::Tensor grad_t = teacher_requires_grad ? empty_gradient(teacher) : at::empty({0}, teacher.options());
   if (p.rows == 0 || !(student_requires_grad || teacher_requires_grad)) return {grad_s, grad_t};
   const at::Tensor grad_loss_c = grad_loss.reshape({p.rows}).contiguous();
   const at::Tensor stats_c = stats.contiguous();
