@@ -1,9 +1,13 @@
 // Operator schemas of the kdfast namespace (nothing else lives here) and the
 // kdfast._C Python module, which registers them on import and reports build facts.
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <string>
 #include <vector>
+
+#ifndef KDFAST_NO_PYTHON
+#include <torch/extension.h>
+#endif
 
 #include "build_info.h"
 
@@ -20,6 +24,7 @@ TORCH_LIBRARY(kdfast, m) {
       "bool student_requires_grad, bool teacher_requires_grad) -> (Tensor grad_student, Tensor grad_teacher)");
 }
 
+#ifndef KDFAST_NO_PYTHON
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kdfast compiled kernels; importing this module registers the kdfast ops.";
   m.attr("__version__") = KDFAST_VERSION;
@@ -35,3 +40,4 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_capability", &kdfast::cpu_capability_in_use,
         "The CPU instruction set the kernels use on this machine (honours ATEN_CPU_CAPABILITY).");
 }
+#endif  // KDFAST_NO_PYTHON

@@ -1,0 +1,42 @@
+# kdfast developer entry points. `make demo` and `make test` work on a fresh machine:
+# they create .venv, install the CPU build of torch and kdfast, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+JOBS ?= 2
+
+.PHONY: install demo test bench bench-quick cuda-check lint clean
+
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.* csrc/cpu/*.* csrc/cuda/*.*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
+	$(PIP) install --quiet numpy pytest pytest-benchmark matplotlib ninja "setuptools>=64" wheel
+	MAX_JOBS=$(JOBS) $(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv with torch and kdfast (CPU; CUDA too where torch has it)
+
+demo: install  ## end-to-end check of kd_loss against the reference + a quick benchmark table
+	$(PY) -m kdfast demo
+
+test: install  ## the test suite (CUDA tests skip without a GPU)
+	$(PY) -m pytest -q tests
+
+bench: install  ## the full benchmark; results go to benchmarks/results/<machine>
+	$(PY) -m kdfast bench
+
+bench-quick: install
+	$(PY) -m kdfast bench --quick
+
+cuda-check:  ## compile + link the CUDA kernels against the CUDA build of torch (no GPU needed)
+	bash .ci/cuda_check.sh
+
+lint: install
+	$(PIP) install --quiet ruff
+	$(VENV)/bin/ruff check kdfast tests benchmarks
+
+clean:
+	rm -rf build dist *.egg-info kdfast/*.so
