@@ -24,7 +24,6 @@ BUILD_HINT = (
 _C: ModuleType | None = None
 _load_error: str | None = None
 _warned: set = set()
-_kernel_cache: dict = {}
 
 if os.environ.get("KDFAST_DISABLE_EXTENSION", "") not in ("", "0"):
     _load_error = "disabled by KDFAST_DISABLE_EXTENSION"
@@ -74,12 +73,22 @@ def has_kernel(op_name: str, device_type: str) -> bool:
     return any(line.startswith(f"{key}:") for line in dump.splitlines())
 
 
+def _kernel_table() -> dict:
+    """(op name, device type) -> has a kernel, for every kdfast op, read once at import."""
+    if _C is None:
+        return {}
+    ops = [name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+           if name.startswith("kdfast::")]
+    return {(op, dev): has_kernel(op, dev) for op in ops for dev in ("cpu", "cuda")}
+
+
+_KERNELS = _kernel_table()
+
+
 def has_kernel_cached(op_name: str, device_type: str) -> bool:
-    """:func:`has_kernel`, memoised: the dispatcher table does not change after import."""
-    key = (op_name, device_type)
-    if key not in _kernel_cache:
-        _kernel_cache[key] = has_kernel(op_name, device_type)
-    return _kernel_cache[key]
+    """:func:`has_kernel` from a table built at import (the dispatcher does not change
+    afterwards); a plain dict lookup, so ``torch.compile`` traces through it."""
+    return _KERNELS.get((op_name, device_type), False)
 
 
 def build_info() -> dict:
