@@ -52,8 +52,9 @@ def divergence_rows(student: Tensor, teacher: Tensor, temperature: float, diverg
 
     Shapes: ``[N, V]`` in, ``[N]`` out (accumulation dtype).
     """
-    log_q = F.log_softmax(student / temperature, dim=-1)
-    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    # Shift by the row max before scaling: (s - max) / T keeps logits of 1e4 exact.
+    log_q = F.log_softmax((student - student.amax(-1, keepdim=True).detach()) / temperature, dim=-1)
+    log_p = F.log_softmax((teacher - teacher.amax(-1, keepdim=True).detach()) / temperature, dim=-1)
     p, q = log_p.exp(), log_q.exp()
     if divergence == "forward_kl":
         return (p * _masked_diff(p, log_p, log_q)).sum(-1)
@@ -62,7 +63,9 @@ def divergence_rows(student: Tensor, teacher: Tensor, temperature: float, diverg
     log_m = _safe_log(beta * p + (1.0 - beta) * q)
     kl_pm = (p * _masked_diff(p, log_p, log_m)).sum(-1)
     kl_qm = (q * _masked_diff(q, log_q, log_m)).sum(-1)
-    return beta * kl_pm + (1.0 - beta) * kl_qm
+    # A row with no finite normaliser (all NaN / all -inf) is NaN, not masked to 0.
+    undefined = log_q.isnan().all(-1) | log_p.isnan().all(-1)
+    return torch.where(undefined, float("nan"), beta * kl_pm + (1.0 - beta) * kl_qm)
 
 
 def kd_loss_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], temperature: float,

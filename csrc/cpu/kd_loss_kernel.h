@@ -231,13 +231,16 @@ void forward_rows(const KdLossParams& p, int64_t begin, int64_t end) {
       aux_t = hsum(kl_pm);
       aux_s = hsum(kl_qm);
       d = beta * aux_t + (acc_t(1) - beta) * aux_s;
+      // The zero-weight masks above would turn an all-NaN / all--inf row into 0.
+      if (!std::isfinite(log_z_s) || !std::isfinite(log_z_t)) d = std::numeric_limits<acc_t>::quiet_NaN();
     }
     acc_t row_loss = kd_scale * d;
     acc_t log_z_s1 = 0;
     if (with_ce) {
       log_z_s1 = with_s1 ? std::log(hsum(st.z_s1)) : log_z_s;
       const acc_t s_label = static_cast<acc_t>(s[label]);
-      row_loss += alpha * (st.max_s + log_z_s1 - s_label);
+      // (max - s_y) first: adding log_z to a logit of 1e4 would round it to ~1e-3.
+      row_loss += alpha * ((st.max_s - s_label) + log_z_s1);
     }
     loss[row] = row_loss;
     srow[kMaxS] = st.max_s;
