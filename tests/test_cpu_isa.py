@@ -1,0 +1,63 @@
+"""Every CPU instruction-set build of the kernels, not just the one this CPU picks.
+
+The kernels are compiled for DEFAULT, AVX2 and AVX-512 and chosen at run time from
+``ATEN_CPU_CAPABILITY`` / the CPU. Each narrower build runs here in a subprocess on
+cases that cross vector tails and chunk boundaries, every dtype pair and -inf masks,
+and is checked against the float64 reference there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import kdfast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+CHILD = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import torch
+    import kdfast
+    from kd_helpers import check_against_reference, labels_for, logits
+
+    print(kdfast.build_info()["cpu_capability"])
+    torch.manual_seed(0)
+    cases = [
+        # (shape, student dtype, teacher dtype, options)
+        ((5, 37), torch.float32, torch.float32, dict(temperature=2.0, alpha=0.3)),
+        ((3, 2049), torch.float32, torch.float32, dict(divergence="reverse_kl", temperature=0.5)),
+        ((2, 4100), torch.float32, torch.float32, dict(divergence="jsd", beta=0.3, alpha=1.0)),
+        ((2, 3, 301), torch.bfloat16, torch.float32, dict(temperature=4.0, alpha=0.3, reduction="sum")),
+        ((4, 129), torch.float16, torch.bfloat16, dict(divergence="jsd", reduction="none")),
+        ((3, 77), torch.float64, torch.float64, dict(divergence="reverse_kl", alpha=0.5)),
+    ]
+    for shape, s_dtype, t_dtype, options in cases:
+        s, t = logits(shape, dtype=s_dtype), logits(shape, dtype=t_dtype)
+        s[..., 5] = float("-inf")
+        t[..., 5] = float("-inf")
+        labels = labels_for(shape[:-1], shape[-1])
+        labels[labels == 5] = 6
+        check_against_reference(s, t, labels, teacher_grad=True, **options)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_narrower_cpu_kernels_match_reference(capability, needs_extension):
+    built = [c.lower() for c in kdfast.build_info()["cpu_capabilities_built"]]
+    if capability not in built:
+        pytest.skip(f"kdfast was built without the {capability} CPU kernels ({built})")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT, tests=TESTS)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = proc.stdout.split()
+    assert lines[0] == capability.upper(), f"kernels in use: {lines[0]}, asked for {capability}"
+    assert lines[-1] == "ok"
