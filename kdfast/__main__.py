@@ -1,0 +1,72 @@
+"""Command line of kdfast: ``python -m kdfast {bench,info}`` (console script ``kdfast``).
+
+Examples::
+
+    python -m kdfast info                      # build facts of the installed kdfast
+    python -m kdfast bench --quick             # smoke benchmark, seconds
+    python -m kdfast bench --out results/cpu   # full kd_loss benchmark on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    import kdfast
+
+    info = kdfast.build_info()
+    info["cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    info["torch_threads"] = torch.get_num_threads()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from kdfast.bench import kd_loss
+
+    kd_loss.run(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kdfast.bench import kd_loss
+
+    parser = argparse.ArgumentParser(
+        prog="kdfast", description="kdfast: fused knowledge-distillation losses for PyTorch.",
+        epilog="Run `kdfast <command> --help` for a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,info}")
+
+    bench = sub.add_parser(
+        "bench", help="benchmark kd_loss against eager PyTorch, torch.compile and Liger-Kernel",
+        description=kd_loss.__doc__.split("\n\n")[0] + " Writes a CSV, a markdown table, a PNG "
+        "plot and machine.json into --out.")
+    kd_loss.add_arguments(bench)
+    bench.set_defaults(func=_bench)
+
+    info = sub.add_parser("info", help="print kdfast.build_info() and the torch / device setup")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m kdfast`` and of the ``kdfast`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
