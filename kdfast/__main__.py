@@ -1,7 +1,8 @@
-"""Command line of kdfast: ``python -m kdfast {bench,info}`` (console script ``kdfast``).
+"""Command line of kdfast: ``python -m kdfast {demo,bench,info}`` (console script ``kdfast``).
 
 Examples::
 
+    python -m kdfast demo                      # end-to-end check + quick benchmark table
     python -m kdfast info                      # build facts of the installed kdfast
     python -m kdfast bench --quick             # smoke benchmark, seconds
     python -m kdfast bench --out results/cpu   # full kd_loss benchmark on this machine
@@ -41,13 +42,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from kdfast import demo
+
+    return demo.main()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdfast.bench import kd_loss
 
     parser = argparse.ArgumentParser(
         prog="kdfast", description="kdfast: fused knowledge-distillation losses for PyTorch.",
         epilog="Run `kdfast <command> --help` for a command's options.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info}")
+
+    demo = sub.add_parser(
+        "demo", help="check kd_loss against the reference, distil a small model, print a quick benchmark",
+        description="End-to-end check of kdfast on this machine; exits non-zero if a check fails.")
+    demo.set_defaults(func=_demo)
 
     bench = sub.add_parser(
         "bench", help="benchmark kd_loss against eager PyTorch, torch.compile and Liger-Kernel",

@@ -104,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     ok = check_against_reference()
     ok &= distill_synthetic()
     print("3) quick benchmark (kdfast vs eager PyTorch vs torch.compile)")
+    import tempfile
+
     from kdfast.bench import kd_loss as bench_kd_loss
 
-    bench_kd_loss.main(["--quick"])
+    with tempfile.TemporaryDirectory(prefix="kdfast-demo-") as out:
+        bench_kd_loss.main(["--quick", "--out", out, "--no-plot"])
     print(f"demo {'passed' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f} s")
     return 0 if ok else 1
 
