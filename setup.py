@@ -80,7 +80,9 @@ def make_extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     version = read_version()
     define_macros = [("KDFAST_VERSION", f'"{version}"')]
-    cxx = opt + ["-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas",
+    # -ffp-contract=off: the kernels rely on a*b - c*d rounding like its parts (shifts
+    # shared by forward and backward); explicit fmadd calls are unaffected.
+    cxx = opt + ["-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
                  "-Wno-maybe-uninitialized"]  # at::vec reductions trip it spuriously
 
     sources = [

@@ -80,21 +80,22 @@ inline acc_t hmax(const Vectorized<acc_t>& v) {
 }
 
 // exp for the hot loops: at::vec's polynomial exp_u20 (<= 20 ulp, about 1.2e-6
-// relative, 0 for -inf) in float, which clamps NaN, so NaN is put back; Sleef's
-// 1-ulp exp in double, where the kernels serve gradcheck.
+// relative, 0 for -inf) in float; Sleef's 1-ulp exp in double, where the kernels serve
+// gradcheck. exp_u20 clamps NaN to a finite value, so rows holding NaN or +inf never
+// reach it: the max pass flags them and they are made NaN as a whole (as softmax does).
 template <typename acc_t>
 inline Vectorized<acc_t> fast_exp(const Vectorized<acc_t>& x) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    return Vectorized<float>::blendv(x.exp_u20(), x, x != x);
+    return x.exp_u20();
   } else {
     return x.exp();
   }
 }
 
-// x where keep is set, else 0 (keep is a comparison mask).
+// x where keep is set, else 0 (keep is a comparison mask: all bits set or none).
 template <typename acc_t>
 inline Vectorized<acc_t> where(const Vectorized<acc_t>& keep, const Vectorized<acc_t>& x) {
-  return Vectorized<acc_t>::blendv(Vectorized<acc_t>(acc_t(0)), x, keep);
+  return keep & x;
 }
 
 // Elements per chunk of a row: both inputs' chunks (<= 16 KiB in fp32) stay in L1
@@ -108,6 +109,7 @@ struct RowState {
   using Vec = Vectorized<acc_t>;
   static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t max_s = kNegInf, max_t = kNegInf;
+  bool saw_nan = false;
   Vec z_s{acc_t(0)}, z_t{acc_t(0)}, z_s1{acc_t(0)};
   Vec w{acc_t(0)};  // weighted log-ratio sum of forward / reverse KL
 };
@@ -137,7 +139,11 @@ inline RowState<acc_t> row_normalisers(const s_t* s, const t_t* t, int64_t vocab
     const int64_t len = std::min(kChunk, vocab - c0);
     const acc_t cmax_s = slice_max<s_t, acc_t>(s + c0, len);
     const acc_t cmax_t = slice_max<t_t, acc_t>(t + c0, len);
-    // NaN compares false: it is not taken as a maximum but still reaches the sums.
+    // at::vec::maximum propagates NaN: a NaN logit makes its chunk maximum NaN.
+    if (std::isnan(cmax_s) || std::isnan(cmax_t)) {
+      st.saw_nan = true;
+      return st;
+    }
     if (cmax_t > st.max_t) {
       if (st.max_t != RowState<acc_t>::kNegInf) {
         const acc_t delta = (cmax_t - st.max_t) * inv_temp;
@@ -159,6 +165,10 @@ inline RowState<acc_t> row_normalisers(const s_t* s, const t_t* t, int64_t vocab
       }
       st.max_s = cmax_s;
     }
+    // An infinite maximum makes the row undefined; nothing more to sum.
+    if (st.max_s == std::numeric_limits<acc_t>::infinity() || st.max_t == std::numeric_limits<acc_t>::infinity()) {
+      return st;
+    }
     // While a side has seen only -inf (masked vocabulary) its terms are exp(-inf) = 0
     // whatever the shift: shift by 0 rather than -inf to avoid -inf - -inf = NaN.
     const Vec vmax_s(st.max_s == RowState<acc_t>::kNegInf ? acc_t(0) : st.max_s);
@@ -168,7 +178,8 @@ inline RowState<acc_t> row_normalisers(const s_t* s, const t_t* t, int64_t vocab
       const int64_t n = std::min(W, len - j);
       const Vec sv = load_n<s_t, acc_t>(s + c0 + j, n);
       const Vec tv = load_n<t_t, acc_t>(t + c0 + j, n);
-      const Vec xs = (sv - vmax_s) * vinv;  // (s - max_s) / T <= 0
+      // (s - max) is exact near the maximum, so the largest term is exactly exp(0) = 1.
+      const Vec xs = (sv - vmax_s) * vinv;
       const Vec xt = (tv - vmax_t) * vinv;
       const Vec es = fast_exp(xs), et = fast_exp(xt);
       st.z_s = st.z_s + es;
@@ -207,6 +218,13 @@ void forward_rows(const KdLossParams& p, int64_t begin, int64_t end) {
     const s_t* s = static_cast<const s_t*>(p.student) + p.student_layout.offset(row);
     const t_t* t = static_cast<const t_t*>(p.teacher) + p.teacher_layout.offset(row);
     RowState<acc_t> st = row_normalisers<div, s_t, t_t, acc_t>(s, t, vocab, inv_temp, with_s1);
+    // NaN or +inf anywhere, or a side masked entirely: softmax is undefined, so is the row.
+    if (st.saw_nan || !std::isfinite(st.max_s) || !std::isfinite(st.max_t)) {
+      constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+      loss[row] = nan;
+      for (int64_t k = 0; k < kStatsCols; ++k) srow[k] = nan;
+      continue;
+    }
     const acc_t z_s = hsum(st.z_s), z_t = hsum(st.z_t);
     const acc_t log_z_s = std::log(z_s), log_z_t = std::log(z_t);
     acc_t d = 0, aux_s = 0, aux_t = 0;
@@ -231,8 +249,6 @@ void forward_rows(const KdLossParams& p, int64_t begin, int64_t end) {
       aux_t = hsum(kl_pm);
       aux_s = hsum(kl_qm);
       d = beta * aux_t + (acc_t(1) - beta) * aux_s;
-      // The zero-weight masks above would turn an all-NaN / all--inf row into 0.
-      if (!std::isfinite(log_z_s) || !std::isfinite(log_z_t)) d = std::numeric_limits<acc_t>::quiet_NaN();
     }
     acc_t row_loss = kd_scale * d;
     acc_t log_z_s1 = 0;
@@ -286,6 +302,12 @@ void backward_rows(const KdLossParams& p, int64_t begin, int64_t end) {
     const t_t* t = static_cast<const t_t*>(p.teacher) + p.teacher_layout.offset(row);
     const acc_t* st = stats + row * kStatsCols;
     const acc_t w = grad_loss[row];
+    if (std::isnan(st[kLogZS])) {  // an undefined row (see forward_rows): NaN gradient
+      constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+      if (gs_row) std::fill(gs_row, gs_row + vocab, static_cast<s_t>(nan));
+      if (gt_row) std::fill(gt_row, gt_row + vocab, static_cast<t_t>(nan));
+      continue;
+    }
     // c = (1 - alpha) T (the T^2 of the loss times d(s/T)/ds), times the incoming gradient.
     const Vec c((acc_t(1) - alpha) * temp * w);
     const Vec vmax_s(st[kMaxS]), vmax_t(st[kMaxT]), vlzs(st[kLogZS]), vlzt(st[kLogZT]);
