@@ -19,8 +19,8 @@ from kdfast.losses import KDLoss
 
 __all__ = [
     "DIVERGENCES",
-    "KDLoss",
     "REDUCTIONS",
+    "KDLoss",
     "build_info",
     "has_extension",
     "has_kernel",

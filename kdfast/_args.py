@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -37,7 +36,7 @@ def check_options(temperature: float, alpha: float, divergence: str, beta: float
 
 
 def check_tensors(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                  labels: Optional[torch.Tensor], alpha: float) -> Optional[torch.Tensor]:
+                  labels: torch.Tensor | None, alpha: float) -> torch.Tensor | None:
     """Validates the tensors (shapes, dtypes, devices); returns labels as int64."""
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
@@ -83,7 +82,7 @@ def check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
                          f"({ignore_index}), got {value}")
 
 
-def reduce_rows(rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int,
+def reduce_rows(rows: torch.Tensor, labels: torch.Tensor | None, ignore_index: int,
                 reduction: str) -> torch.Tensor:
     """Applies ``reduction`` to per-row losses (ignored rows already hold 0)."""
     if reduction == "none":

@@ -54,7 +54,7 @@ def check_against_reference() -> bool:
                  for g, r in zip(grads, ref_grads)]
         good = max(errs) <= _tolerance(dtype)
         ok &= good
-        print(f"   {div:10s} {str(dtype):15s} {str(shape):15s} T={temp:<4} alpha={alpha:<4} {red:9s} "
+        print(f"   {div:10s} {dtype!s:15s} {shape!s:15s} T={temp:<4} alpha={alpha:<4} {red:9s} "
               f"loss {errs[0]:.1e}  d/dstudent {errs[1]:.1e}  d/dteacher {errs[2]:.1e}  "
               f"{'ok' if good else 'FAIL'}")
     return ok

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from kdfast import _extension, reference
@@ -13,7 +11,7 @@ __all__ = ["DIVERGENCES", "REDUCTIONS", "kd_loss"]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-            labels: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
+            labels: torch.Tensor | None = None, *, temperature: float = 1.0,
             alpha: float = 0.0, divergence: str = "forward_kl", beta: float = 0.5,
             ignore_index: int = -100, reduction: str = "batchmean") -> torch.Tensor:
     r"""Temperature-softmax distillation loss with an optional hard-label term, fused.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -37,7 +35,7 @@ class KDLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
                        alpha=self.alpha, divergence=self.divergence, beta=self.beta,
                        ignore_index=self.ignore_index, reduction=self.reduction)

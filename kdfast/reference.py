@@ -14,8 +14,6 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 
@@ -68,7 +66,7 @@ def divergence_rows(student: Tensor, teacher: Tensor, temperature: float, diverg
     return torch.where(undefined, float("nan"), beta * kl_pm + (1.0 - beta) * kl_qm)
 
 
-def kd_loss_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], temperature: float,
+def kd_loss_rows(student: Tensor, teacher: Tensor, labels: Tensor | None, temperature: float,
                  alpha: float, divergence: str, beta: float, ignore_index: int) -> Tensor:
     """Per-row loss ``(1 - alpha) T^2 D + alpha CE`` (0 on ignored rows).
 
@@ -93,7 +91,7 @@ def kd_loss_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], tem
     return rows.reshape(student.shape[:-1])
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
             temperature: float = 1.0, alpha: float = 0.0, divergence: str = "forward_kl",
             beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean") -> Tensor:
     """Reference :func:`kdfast.kd_loss`: same arguments, same result, plain PyTorch."""
@@ -109,9 +107,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Ten
 # --- references of the ops themselves (torch.ops.kdfast.*) -------------------------------
 
 
-def kd_loss_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], temperature: float,
+def kd_loss_forward(student: Tensor, teacher: Tensor, labels: Tensor | None, temperature: float,
                     alpha: float, divergence: int, beta: float,
-                    ignore_index: int) -> Tuple[Tensor, Tensor]:
+                    ignore_index: int) -> tuple[Tensor, Tensor]:
     """Reference of ``torch.ops.kdfast.kd_loss_forward``: (per-row loss ``[...]``,
     row statistics ``[N, 7]``), see ``docs/kd_loss_math.md``."""
     name = DIVERGENCES[divergence]
@@ -142,10 +140,10 @@ def kd_loss_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], 
     return loss, stats
 
 
-def kd_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: Optional[Tensor],
+def kd_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: Tensor | None,
                      stats: Tensor, temperature: float, alpha: float, divergence: int, beta: float,
                      ignore_index: int, student_requires_grad: bool,
-                     teacher_requires_grad: bool) -> Tuple[Tensor, Tensor]:
+                     teacher_requires_grad: bool) -> tuple[Tensor, Tensor]:
     """Reference of ``torch.ops.kdfast.kd_loss_backward``: the closed-form gradients of
     ``docs/kd_loss_math.md`` scaled by ``grad_loss``; empty tensors where not requested."""
     name = DIVERGENCES[divergence]
