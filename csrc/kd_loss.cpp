@@ -116,6 +116,28 @@ KdLossProblem prepare_kd_loss(const at::Tensor& student, const at::Tensor& teach
   return problem;
 }
 
+KdLossBackwardInputs prepare_kd_loss_backward(KdLossProblem& problem, const at::Tensor& grad_loss,
+                                              const at::Tensor& stats) {
+  KdLossParams& p = problem.params;
+  const at::Device device = problem.student.device();
+  TORCH_CHECK(grad_loss.device() == device, "kd_loss_backward: grad_loss must be on the device of student_logits (",
+              device, "), got ", grad_loss.device());
+  TORCH_CHECK(stats.device() == device, "kd_loss_backward: stats must be on the device of student_logits (",
+              device, "), got ", stats.device());
+  TORCH_CHECK(grad_loss.scalar_type() == problem.acc_dtype, "kd_loss_backward: grad_loss must be ",
+              problem.acc_dtype, ", got ", grad_loss.scalar_type());
+  TORCH_CHECK(grad_loss.numel() == p.rows, "kd_loss_backward: grad_loss must have ", p.rows,
+              " elements (one per row), got ", grad_loss.numel());
+  TORCH_CHECK(stats.scalar_type() == problem.acc_dtype && stats.dim() == 2 && stats.size(0) == p.rows &&
+                  stats.size(1) == kStatsCols,
+              "kd_loss_backward: stats must be ", problem.acc_dtype, " [", p.rows, ", ", kStatsCols,
+              "] from kd_loss_forward, got ", stats.scalar_type(), " ", stats.sizes());
+  KdLossBackwardInputs in{grad_loss.reshape({p.rows}).contiguous(), stats.contiguous()};
+  p.grad_loss = in.grad_loss.const_data_ptr();
+  p.stats_in = in.stats.const_data_ptr();
+  return in;
+}
+
 void check_label_range(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
   if (!labels.defined() || labels.numel() == 0) return;
   const at::Tensor bad = labels.ne(ignore_index).logical_and_(labels.lt(0).logical_or_(labels.ge(vocab)));

@@ -78,6 +78,16 @@ KdLossProblem prepare_kd_loss(const at::Tensor& student, const at::Tensor& teach
                               double alpha, int64_t divergence, double beta,
                               int64_t ignore_index);
 
+// Backward-only inputs, checked against the prepared problem (device, dtype, one
+// grad_loss value and one stats row per row) and made flat / contiguous; fills
+// params.grad_loss and params.stats_in. The returned tensors must outlive the kernel.
+struct KdLossBackwardInputs {
+  at::Tensor grad_loss;  // [rows]
+  at::Tensor stats;      // [rows, kStatsCols]
+};
+KdLossBackwardInputs prepare_kd_loss_backward(KdLossProblem& problem, const at::Tensor& grad_loss,
+                                              const at::Tensor& stats);
+
 // Raises if a label is outside [0, vocab) and differs from ignore_index.
 // Synchronises with the device on CUDA (one small reduction).
 void check_label_range(const at::Tensor& labels, int64_t vocab, int64_t ignore_index);

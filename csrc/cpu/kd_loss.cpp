@@ -95,24 +95,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
   KdLossProblem problem =
       prepare_kd_loss(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index);
   KdLossParams& p = problem.params;
-  TORCH_CHECK(grad_loss.scalar_type() == problem.acc_dtype, "kd_loss_backward: grad_loss must be ",
-              problem.acc_dtype, ", got ", grad_loss.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == p.rows, "kd_loss_backward: grad_loss must have ", p.rows,
-              " elements (one per row), got ", grad_loss.numel());
-  TORCH_CHECK(stats.scalar_type() == problem.acc_dtype && stats.dim() == 2 && stats.size(0) == p.rows &&
-                  stats.size(1) == kStatsCols,
-              "kd_loss_backward: stats must be ", problem.acc_dtype, " [", p.rows, ", ", kStatsCols,
-              "] from kd_loss_forward, got ", stats.scalar_type(), " ", stats.sizes());
-  check_cpu(grad_loss, "grad_loss");
-  check_cpu(stats, "stats");
-
+  const KdLossBackwardInputs inputs = prepare_kd_loss_backward(problem, grad_loss, stats);
   at::Tensor grad_s = student_requires_grad ? empty_gradient(student) : at::empty({0}, student.options());
   at::Tensor grad_t = teacher_requires_grad ? empty_gradient(teacher) : at::empty({0}, teacher.options());
   if (p.rows == 0 || !(student_requires_grad || teacher_requires_grad)) return {grad_s, grad_t};
-  const at::Tensor grad_loss_c = grad_loss.reshape({p.rows}).contiguous();
-  const at::Tensor stats_c = stats.contiguous();
-  p.grad_loss = grad_loss_c.const_data_ptr();
-  p.stats_in = stats_c.const_data_ptr();
   p.grad_student = student_requires_grad ? grad_s.data_ptr() : nullptr;
   p.grad_teacher = teacher_requires_grad ? grad_t.data_ptr() : nullptr;
   select_kernels().second(p, problem.student.scalar_type(), problem.teacher.scalar_type());

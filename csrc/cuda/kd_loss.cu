@@ -808,11 +808,6 @@ void check_cuda(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.is_cuda(), "kd_loss: ", name, " must be a CUDA tensor here, got ", x.device());
 }
 
-void check_same_device(const at::Tensor& x, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(x.device() == ref.device(), "kd_loss_backward: ", name, " must be on the device of student_logits (",
-              ref.device(), "), got ", x.device());
-}
-
 std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                         const c10::optional<at::Tensor>& labels,
                                                         double temperature, double alpha, int64_t divergence,
@@ -846,16 +841,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(
   KdLossProblem problem =
       prepare_kd_loss(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index);
   KdLossParams& p = problem.params;
-  check_same_device(grad_loss, student, "grad_loss");
-  check_same_device(stats, student, "stats");
-  TORCH_CHECK(grad_loss.scalar_type() == problem.acc_dtype, "kd_loss_backward: grad_loss must be ",
-              problem.acc_dtype, ", got ", grad_loss.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == p.rows, "kd_loss_backward: grad_loss must have ", p.rows,
-              " elements (one per row), got ", grad_loss.numel());
-  TORCH_CHECK(stats.scalar_type() == problem.acc_dtype && stats.dim() == 2 && stats.size(0) == p.rows &&
-                  stats.size(1) == kStatsCols,
-              "kd_loss_backward: stats must be ", problem.acc_dtype, " [", p.rows, ", ", kStatsCols,
-              "] from kd_loss_forward, got ", stats.scalar_type(), " ", stats.sizes());
+  const KdLossBackwardInputs inputs = prepare_kd_loss_backward(problem, grad_loss, stats);
 
   at::Tensor grad_s = student_requires_grad
                           ? at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous))
@@ -864,10 +850,6 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(
                           ? at::empty(teacher.sizes(), teacher.options().memory_format(at::MemoryFormat::Contiguous))
                           : at::empty({0}, teacher.options());
   if (p.rows == 0 || !(student_requires_grad || teacher_requires_grad)) return {grad_s, grad_t};
-  const at::Tensor grad_loss_c = grad_loss.reshape({p.rows}).contiguous();
-  const at::Tensor stats_c = stats.contiguous();
-  p.grad_loss = grad_loss_c.const_data_ptr();
-  p.stats_in = stats_c.const_data_ptr();
   p.grad_student = student_requires_grad ? grad_s.data_ptr() : nullptr;
   p.grad_teacher = teacher_requires_grad ? grad_t.data_ptr() : nullptr;
   dispatch_kd(BackwardLauncher{p}, p.divergence, problem.student.scalar_type(), problem.teacher.scalar_type());
