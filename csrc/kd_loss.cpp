@@ -116,6 +116,16 @@ KdLossProblem prepare_kd_loss(const at::Tensor& student, const at::Tensor& teach
   return problem;
 }
 
+KdLossForwardOutputs prepare_kd_loss_forward(KdLossProblem& problem) {
+  KdLossParams& p = problem.params;
+  if (problem.labels.defined()) check_label_range(problem.labels, p.vocab, p.ignore_index);
+  const auto acc = problem.student.options().dtype(problem.acc_dtype);
+  KdLossForwardOutputs out{at::empty(row_shape(problem.student), acc), at::empty({p.rows, kStatsCols}, acc)};
+  p.loss = out.loss.data_ptr();
+  p.stats = out.stats.data_ptr();
+  return out;
+}
+
 KdLossBackwardInputs prepare_kd_loss_backward(KdLossProblem& problem, const at::Tensor& grad_loss,
                                               const at::Tensor& stats) {
   KdLossParams& p = problem.params;

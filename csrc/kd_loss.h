@@ -78,6 +78,14 @@ KdLossProblem prepare_kd_loss(const at::Tensor& student, const at::Tensor& teach
                               double alpha, int64_t divergence, double beta,
                               int64_t ignore_index);
 
+// Forward outputs: checks the label values, allocates the per-row loss ([...]) and the
+// stats ([rows, kStatsCols]) in the accumulation dtype, and points params at them.
+struct KdLossForwardOutputs {
+  at::Tensor loss;
+  at::Tensor stats;
+};
+KdLossForwardOutputs prepare_kd_loss_forward(KdLossProblem& problem);
+
 // Backward-only inputs, checked against the prepared problem (device, dtype, one
 // grad_loss value and one stats row per row) and made flat / contiguous; fills
 // params.grad_loss and params.stats_in. The returned tensors must outlive the kernel.

@@ -74,15 +74,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(const at::Tensor& student
   KdLossProblem problem =
       prepare_kd_loss(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index);
   KdLossParams& p = problem.params;
-  if (problem.labels.defined()) check_label_range(problem.labels, p.vocab, ignore_index);
-  const auto acc = student.options().dtype(problem.acc_dtype);
-  at::Tensor loss = at::empty(row_shape(student), acc);
-  at::Tensor stats = at::empty({p.rows, kStatsCols}, acc);
-  if (p.rows == 0) return {loss, stats};
-  p.loss = loss.data_ptr();
-  p.stats = stats.data_ptr();
-  select_kernels().first(p, problem.student.scalar_type(), problem.teacher.scalar_type());
-  return {loss, stats};
+  KdLossForwardOutputs out = prepare_kd_loss_forward(problem);
+  if (p.rows > 0) select_kernels().first(p, problem.student.scalar_type(), problem.teacher.scalar_type());
+  return {out.loss, out.stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(

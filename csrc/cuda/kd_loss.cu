@@ -818,16 +818,11 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(const at::Tensor& studen
   KdLossProblem problem =
       prepare_kd_loss(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index);
   KdLossParams& p = problem.params;
-  if (problem.labels.defined()) check_label_range(problem.labels, p.vocab, ignore_index);
-  const auto acc = student.options().dtype(problem.acc_dtype);
-  at::Tensor loss = at::empty(row_shape(student), acc);
-  at::Tensor stats = at::empty({p.rows, kStatsCols}, acc);
-  if (p.rows == 0) return {loss, stats};
-  p.loss = loss.data_ptr();
-  p.stats = stats.data_ptr();
-  dispatch_kd(ForwardLauncher{p, acc}, p.divergence, problem.student.scalar_type(),
+  KdLossForwardOutputs out = prepare_kd_loss_forward(problem);
+  if (p.rows == 0) return {out.loss, out.stats};
+  dispatch_kd(ForwardLauncher{p, out.loss.options()}, p.divergence, problem.student.scalar_type(),
               problem.teacher.scalar_type());
-  return {loss, stats};
+  return {out.loss, out.stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(
