@@ -7,6 +7,8 @@ Environment switches:
                            falls back to TORCH_CUDA_ARCH_LIST, then the default.
   KDFAST_CPU_ISA=auto|none  also build AVX2 / AVX-512 CPU kernels on x86-64 (auto), or not.
   KDFAST_DEBUG=1           -O0 -g builds.
+  KDFAST_PTXAS_VERBOSE=1   pass -Xptxas -v to nvcc: registers, stack and spills of every
+                           kernel instantiation in the build log (CI reads them).
   MAX_JOBS=N               parallel compile jobs (torch's ninja build).
 """
 
@@ -113,8 +115,13 @@ def make_extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)  # read by torch's nvcc flags
         sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu"))
         define_macros += [("KDFAST_WITH_CUDA", "1"), ("KDFAST_CUDA_ARCHS", f'"{";".join(archs)}"')]
-        extra["nvcc"] = opt + ["-std=c++20", "--expt-relaxed-constexpr", "--use_fast_math",
-                               "-Xcompiler", "-fvisibility=hidden"]
+        # No --use_fast_math: IEEE division / sqrt, accurate expf / logf and denormals
+        # kept (-ftz=false); the kernels are memory-bound, so fast math would buy little.
+        nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-ftz=false", "-prec-div=true",
+                      "-prec-sqrt=true", "-fmad=true", "-Xcompiler", "-fvisibility=hidden"]
+        if env_flag("KDFAST_PTXAS_VERBOSE", "0") in ("1", "true", "yes"):
+            nvcc += ["-Xptxas", "-v"]
+        extra["nvcc"] = nvcc
         ext_cls = cpp_extension.CUDAExtension
         print(f"kdfast: building CUDA kernels for {archs}")
     else:
