@@ -4,8 +4,14 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <utility>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace kdfast {
 namespace {
@@ -57,7 +63,7 @@ c10::IntArrayRef row_shape(const at::Tensor& logits) {
 KdLossProblem prepare_kd_loss(const at::Tensor& student, const at::Tensor& teacher,
                               const c10::optional<at::Tensor>& labels, double temperature,
                               double alpha, int64_t divergence, double beta,
-                              int64_t ignore_index) {
+                              int64_t ignore_index, double softcap) {
   TORCH_CHECK(student.dim() >= 1, "kd_loss: student_logits must have at least 1 dimension [..., V], got a scalar");
   TORCH_CHECK(student.sizes() == teacher.sizes(),
               "kd_loss: student_logits and teacher_logits must have the same shape, got ",
@@ -83,6 +89,9 @@ KdLossProblem prepare_kd_loss(const at::Tensor& student, const at::Tensor& teach
   if (divergence == static_cast<int64_t>(Divergence::JSD)) {
     TORCH_CHECK(beta > 0 && beta < 1, "kd_loss: beta must be in (0, 1) for divergence='jsd', got ", beta);
   }
+
+  TORCH_CHECK(softcap == 0 || (std::isfinite(softcap) && softcap > 0),
+              "kd_loss: softcap must be finite and > 0 (0 for none), got ", softcap);
 
   KdLossProblem problem;
   KdLossParams& p = problem.params;
@@ -112,17 +121,54 @@ KdLossProblem prepare_kd_loss(const at::Tensor& student, const at::Tensor& teach
   p.temperature = temperature;
   p.alpha = alpha;
   p.beta = beta;
+  p.softcap = softcap;
   p.divergence = static_cast<Divergence>(divergence);
   return problem;
 }
 
-KdLossForwardOutputs prepare_kd_loss_forward(KdLossProblem& problem) {
+at::Tensor empty_gradient_like(const at::Tensor& like, bool wanted) {
+  if (!wanted) return at::empty({0}, like.options());
+  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  // A gradient-sized CPU buffer is written once, right after allocation; with 4 KiB
+  // pages its first-touch faults cost more than the kernel, so hint transparent huge
+  // pages (a no-op where THP is off; KDFAST_CPU_HUGEPAGES=0 disables the hint).
+  static const bool enabled = [] {
+    const char* env = std::getenv("KDFAST_CPU_HUGEPAGES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  if (enabled && out.is_cpu() && out.nbytes() >= 4 * kHugePage) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t begin = (start + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t end = (start + out.nbytes()) & ~(kHugePage - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint
+  }
+#endif
+  return out;
+}
+
+KdLossFusedOutputs prepare_kd_loss_fused(KdLossProblem& problem, Reduction reduction,
+                                         bool student_requires_grad, bool teacher_requires_grad) {
   KdLossParams& p = problem.params;
-  if (problem.labels.defined()) check_label_range(problem.labels, p.vocab, p.ignore_index);
   const auto acc = problem.student.options().dtype(problem.acc_dtype);
-  KdLossForwardOutputs out{at::empty(row_shape(problem.student), acc), at::empty({p.rows, kStatsCols}, acc)};
-  p.loss = out.loss.data_ptr();
+  KdLossFusedOutputs out;
+  if (reduction == Reduction::None) {
+    out.loss = at::empty(row_shape(problem.student), acc);
+    out.rows_loss = out.loss.view({p.rows});
+  } else {
+    out.loss = at::empty({}, acc);
+    out.rows_loss = at::empty({p.rows}, acc);
+  }
+  out.stats = at::empty({p.rows, kStatsCols}, acc);
+  out.grad_student = empty_gradient_like(problem.student, student_requires_grad);
+  out.grad_teacher = empty_gradient_like(problem.teacher, teacher_requires_grad);
+  p.loss = out.rows_loss.data_ptr();
   p.stats = out.stats.data_ptr();
+  p.grad_student = student_requires_grad ? out.grad_student.data_ptr() : nullptr;
+  p.grad_teacher = teacher_requires_grad ? out.grad_teacher.data_ptr() : nullptr;
+  p.grad_loss = nullptr;
+  p.grad_loss_stride = 0;
   return out;
 }
 
@@ -148,14 +194,24 @@ KdLossBackwardInputs prepare_kd_loss_backward(KdLossProblem& problem, const at::
   return in;
 }
 
-void check_label_range(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
-  if (!labels.defined() || labels.numel() == 0) return;
-  const at::Tensor bad = labels.ne(ignore_index).logical_and_(labels.lt(0).logical_or_(labels.ge(vocab)));
-  if (bad.any().item<bool>()) {
-    const int64_t first = bad.nonzero().select(1, 0).select(0, 0).item<int64_t>();
-    TORCH_CHECK(false, "kd_loss: labels must be in [0, ", vocab, ") or equal ignore_index (", ignore_index,
-                "), got labels[", first, "] = ", labels[first].item<int64_t>());
-  }
+void fail_label(int64_t row, int64_t label, int64_t vocab, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(false, "kd_loss: labels must be in [0, ", vocab, ") or equal ignore_index (", ignore_index,
+                    "), got ", label, " at row ", row, " (flattened)");
+}
+
+int64_t check_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(grad.dim() >= 1 && grad.is_contiguous(),
+              "kd_loss_scale_grad_: grad must be a contiguous [..., V] tensor, got sizes ", grad.sizes(),
+              " and strides ", grad.strides());
+  TORCH_CHECK(scale.device() == grad.device(), "kd_loss_scale_grad_: scale must be on the device of grad (",
+              grad.device(), "), got ", scale.device());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble,
+              "kd_loss_scale_grad_: scale must be float32 or float64, got ", scale.scalar_type());
+  const int64_t vocab = grad.size(-1);
+  const int64_t rows = vocab == 0 ? 0 : grad.numel() / vocab;
+  TORCH_CHECK(scale.numel() == 1 || scale.numel() == rows,
+              "kd_loss_scale_grad_: scale must hold one value or one per row (", rows, "), got ", scale.numel());
+  return rows;
 }
 
 }  // namespace kdfast

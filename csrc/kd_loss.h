@@ -1,39 +1,15 @@
-// kd_loss: parameters shared by the host code of every backend.
-// The math is specified in docs/kd_loss_math.md.
+// kd_loss: parameters and host-side preparation shared by every backend.
+// The math is specified in docs/kd_loss_math.md and written once in kd_loss_math.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 #include <cstdint>
-#include <tuple>
+
+#include "kd_loss_math.h"
 
 namespace kdfast {
-
-enum class Divergence : int64_t { ForwardKL = 0, ReverseKL = 1, JSD = 2 };
-
-// Columns of the per-row statistics tensor written by the forward op.
-constexpr int64_t kStatsCols = 7;
-enum StatsCol : int64_t {
-  kMaxS = 0, kMaxT = 1, kLogZS = 2, kLogZT = 3, kLogZS1 = 4, kAuxS = 5, kAuxT = 6
-};
-
-// Where row r of a [..., V] tensor starts, in elements:
-//   (r / n_inner) * stride_outer + (r % n_inner) * stride_inner.
-// Two levels cover 2-D tensors and slices such as logits[:, :-1, :] without a copy.
-struct RowLayout {
-  int64_t n_inner = 1;
-  int64_t stride_outer = 0;
-  int64_t stride_inner = 0;
-
-  template <typename index_t>
-  inline index_t offset(index_t row) const {
-    // Branch keeps the common 2-D case free of a 64-bit division.
-    if (n_inner == 1) return row * static_cast<index_t>(stride_outer);
-    return (row / static_cast<index_t>(n_inner)) * static_cast<index_t>(stride_outer) +
-           (row % static_cast<index_t>(n_inner)) * static_cast<index_t>(stride_inner);
-  }
-};
 
 // Everything a kernel needs; plain data so it can be passed by value to a CUDA kernel.
 struct KdLossParams {
@@ -48,17 +24,22 @@ struct KdLossParams {
   double temperature = 1.0;
   double alpha = 0.0;
   double beta = 0.5;
+  double softcap = 0.0;  // 0: no soft-capping
   Divergence divergence = Divergence::ForwardKL;
 
-  // forward outputs (acc_t = double for float64 inputs, float otherwise)
-  void* loss = nullptr;   // [rows]
-  void* stats = nullptr;  // [rows, kStatsCols]
+  // Forward outputs (acc_t = double for float64 inputs, float otherwise).
+  void* loss = nullptr;   // [rows] per-row loss
+  void* stats = nullptr;  // [rows, kStatsCols], or nullptr when nobody reads them
 
-  // backward inputs / outputs
-  const void* grad_loss = nullptr;     // [rows], acc_t
-  const void* stats_in = nullptr;      // [rows, kStatsCols], acc_t
-  void* grad_student = nullptr;        // [rows, V] contiguous, student dtype, or nullptr
-  void* grad_teacher = nullptr;        // [rows, V] contiguous, teacher dtype, or nullptr
+  // Gradients: row r's loss receives the gradient grad_loss[r * grad_loss_stride]
+  // (acc_t; stride 0 broadcasts one value, nullptr means 1). The forward writes the
+  // gradients in the same pass when grad_student / grad_teacher are set; the backward
+  // recomputes them from stats_in.
+  const void* grad_loss = nullptr;
+  int64_t grad_loss_stride = 1;
+  const void* stats_in = nullptr;  // [rows, kStatsCols], acc_t (backward)
+  void* grad_student = nullptr;    // [rows, V] contiguous, student dtype, or nullptr
+  void* grad_teacher = nullptr;    // [rows, V] contiguous, teacher dtype, or nullptr
 };
 
 // Validated, kernel-ready view of the op arguments. Keeps the (possibly copied)
@@ -76,15 +57,20 @@ struct KdLossProblem {
 KdLossProblem prepare_kd_loss(const at::Tensor& student, const at::Tensor& teacher,
                               const c10::optional<at::Tensor>& labels, double temperature,
                               double alpha, int64_t divergence, double beta,
-                              int64_t ignore_index);
+                              int64_t ignore_index, double softcap);
 
-// Forward outputs: checks the label values, allocates the per-row loss ([...]) and the
-// stats ([rows, kStatsCols]) in the accumulation dtype, and points params at them.
-struct KdLossForwardOutputs {
-  at::Tensor loss;
-  at::Tensor stats;
+// Outputs of kd_loss_fused, allocated by prepare_kd_loss_fused.
+struct KdLossFusedOutputs {
+  at::Tensor loss;       // reduced loss: 0-dim, or [...] for Reduction::None
+  at::Tensor stats;      // [rows, kStatsCols]
+  at::Tensor grad_student;  // like student (contiguous), or empty when not requested
+  at::Tensor grad_teacher;
+  at::Tensor rows_loss;  // [rows] per-row loss (a view of loss for Reduction::None)
 };
-KdLossForwardOutputs prepare_kd_loss_forward(KdLossProblem& problem);
+
+// Allocates the outputs and points params at them (no gradient weight yet).
+KdLossFusedOutputs prepare_kd_loss_fused(KdLossProblem& problem, Reduction reduction,
+                                         bool student_requires_grad, bool teacher_requires_grad);
 
 // Backward-only inputs, checked against the prepared problem (device, dtype, one
 // grad_loss value and one stats row per row) and made flat / contiguous; fills
@@ -96,9 +82,14 @@ struct KdLossBackwardInputs {
 KdLossBackwardInputs prepare_kd_loss_backward(KdLossProblem& problem, const at::Tensor& grad_loss,
                                               const at::Tensor& stats);
 
-// Raises if a label is outside [0, vocab) and differs from ignore_index.
-// Synchronises with the device on CUDA (one small reduction).
-void check_label_range(const at::Tensor& labels, int64_t vocab, int64_t ignore_index);
+// Gradient-sized output (contiguous, like `like`), or an empty tensor when not wanted.
+at::Tensor empty_gradient_like(const at::Tensor& like, bool wanted);
+
+// Checks kd_loss_scale_grad_'s arguments; returns the number of rows of grad.
+int64_t check_scale_grad(const at::Tensor& grad, const at::Tensor& scale);
+
+// The error for a label outside [0, vocab) that is not ignore_index.
+[[noreturn]] void fail_label(int64_t row, int64_t label, int64_t vocab, int64_t ignore_index);
 
 // Leading shape of a [..., V] tensor, i.e. the shape of the per-row loss.
 c10::IntArrayRef row_shape(const at::Tensor& logits);

@@ -12,16 +12,25 @@
 #include "build_info.h"
 
 TORCH_LIBRARY(kdfast, m) {
-  // Per-row temperature-softmax distillation loss and the row statistics the
-  // backward needs; math in docs/kd_loss_math.md.
+  // Temperature-softmax distillation loss, reduced (reduction: 0 batchmean, 1 sum,
+  // 2 none), with the O(rows) row statistics a recomputing backward needs, and, for the
+  // inputs flagged, d loss / d input computed in the same pass over the logits (empty
+  // tensors otherwise). Math in docs/kd_loss_math.md.
   m.def(
-      "kd_loss_forward(Tensor student, Tensor teacher, Tensor? labels, float temperature, "
-      "float alpha, int divergence, float beta, int ignore_index) -> (Tensor loss, Tensor stats)");
-  // Gradients of the per-row loss, scaled by grad_loss, in one pass over the inputs.
+      "kd_loss_fused(Tensor student, Tensor teacher, Tensor? labels, float temperature, float alpha, "
+      "int divergence, float beta, int ignore_index, float softcap, int reduction, "
+      "bool student_requires_grad, bool teacher_requires_grad) "
+      "-> (Tensor loss, Tensor stats, Tensor grad_student, Tensor grad_teacher)");
+  // Gradients of the per-row loss, scaled by grad_loss, recomputed from the row
+  // statistics in one pass over the inputs.
   m.def(
       "kd_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, "
       "Tensor stats, float temperature, float alpha, int divergence, float beta, int ignore_index, "
-      "bool student_requires_grad, bool teacher_requires_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+      "float softcap, bool student_requires_grad, bool teacher_requires_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
+  // grad[r, :] *= scale[r] (or the one value of scale), in place; rows whose scale is
+  // exactly 1 are not touched, so the common backward of a kept gradient moves no data.
+  m.def("kd_loss_scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
 }
 
 #ifndef KDFAST_NO_PYTHON

@@ -12,7 +12,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_options(temperature: float, alpha: float, divergence: str, beta: float, reduction: str,
-                  ignore_index: int) -> int:
+                  ignore_index: int, softcap: float | None = None) -> int:
     """Validates the scalar options; returns the divergence code used by the ops."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"kd_loss: temperature must be a float, got {type(temperature).__name__}")
@@ -32,6 +32,11 @@ def check_options(temperature: float, alpha: float, divergence: str, beta: float
         raise ValueError(f"kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"kd_loss: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"kd_loss: softcap must be a float or None, got {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"kd_loss: softcap must be finite and > 0 (or None), got {softcap}")
     return DIVERGENCES.index(divergence)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kdfast import _extension, reference
-from kdfast._args import DIVERGENCES, REDUCTIONS, check_options, check_tensors, reduce_rows
+from kdfast._args import DIVERGENCES, REDUCTIONS, check_options, check_tensors
 
 __all__ = ["DIVERGENCES", "REDUCTIONS", "kd_loss"]
 
@@ -13,7 +13,8 @@ __all__ = ["DIVERGENCES", "REDUCTIONS", "kd_loss"]
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             labels: torch.Tensor | None = None, *, temperature: float = 1.0,
             alpha: float = 0.0, divergence: str = "forward_kl", beta: float = 0.5,
-            ignore_index: int = -100, reduction: str = "batchmean") -> torch.Tensor:
+            ignore_index: int = -100, reduction: str = "batchmean",
+            softcap: float | None = None) -> torch.Tensor:
     r"""Temperature-softmax distillation loss with an optional hard-label term, fused.
 
     Per row ``i`` (every position of the leading dimensions), with
@@ -24,8 +25,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     where ``D`` is ``KL(p||q)`` (``"forward_kl"``, Hinton et al. 2015), ``KL(q||p)``
     (``"reverse_kl"``) or ``beta*KL(p||m) + (1-beta)*KL(q||m)`` with
     ``m = beta*p + (1-beta)*q`` (``"jsd"``). The cross-entropy uses temperature 1.
-    All math is in float32 whatever the input dtype; one read of each input for the
-    forward, one for the backward, and no ``[N, V]`` float32 temporaries.
+    All math is in float32 whatever the input dtype, and there are no ``[N, V]``
+    float32 temporaries.
+
+    When autograd will need a gradient (grad mode on and an input requires grad), the
+    gradient is computed in the same pass over the logits as the loss and kept until
+    the backward, which only scales it by the incoming gradient (in place, skipping the
+    work when that is 1): each input is read once, the gradient written once. Memory
+    kept between forward and backward: the gradient (like the input it belongs to) and
+    ``O(rows)`` statistics; the inputs themselves are saved too, for a repeated
+    backward (``retain_graph=True``), which recomputes the gradient from them. Without
+    a gradient (``torch.no_grad()``, inference) only the loss is computed.
 
     Args:
         student_logits: ``[..., V]`` float32 / float16 / bfloat16, any strides.
@@ -42,6 +52,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         ignore_index: label value of rows to skip.
         reduction: ``"batchmean"`` (sum over counted rows / their number, 0 when none),
             ``"sum"``, or ``"none"`` (shape ``[...]``, zeros on ignored rows).
+        softcap: Gemma-style logit soft-capping ``c * tanh(x / c)`` applied to every
+            student and teacher logit before the temperature (and before the
+            cross-entropy), with gradients through it; ``-inf`` (masked) entries stay
+            masked. ``None`` (default): no cap.
 
     Returns:
         float32 tensor (float64 for float64 inputs): 0-dim, or ``[...]`` for ``"none"``.
@@ -55,14 +69,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         >>> loss = kdfast.kd_loss(student, teacher, labels, temperature=4.0, alpha=0.1)
         >>> loss.backward()
     """
-    div_code = check_options(temperature, alpha, divergence, beta, reduction, ignore_index)
+    div_code = check_options(temperature, alpha, divergence, beta, reduction, ignore_index,
+                             softcap)
     labels = check_tensors(student_logits, teacher_logits, labels, alpha)
-    temperature, alpha, beta = float(temperature), float(alpha), float(beta)
-    if _extension.has_kernel_cached("kd_loss_forward", student_logits.device.type):
-        rows, _ = torch.ops.kdfast.kd_loss_forward(student_logits, teacher_logits, labels,
-                                                   temperature, alpha, div_code, beta, ignore_index)
-        return reduce_rows(rows, labels, ignore_index, reduction)
+    if _extension.has_kernel_cached("kd_loss_fused", student_logits.device.type):
+        grad_mode = torch.is_grad_enabled()
+        loss, _, _, _ = torch.ops.kdfast.kd_loss_fused(
+            student_logits, teacher_logits, labels, float(temperature), float(alpha), div_code,
+            float(beta), ignore_index, 0.0 if softcap is None else float(softcap),
+            REDUCTIONS.index(reduction), grad_mode and student_logits.requires_grad,
+            grad_mode and teacher_logits.requires_grad)
+        return loss
     _extension.warn_fallback(student_logits.device.type)
     return reference.kd_loss(student_logits, teacher_logits, labels, temperature=temperature,
                              alpha=alpha, divergence=divergence, beta=beta,
-                             ignore_index=ignore_index, reduction=reduction)
+                             ignore_index=ignore_index, reduction=reduction, softcap=softcap)

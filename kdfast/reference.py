@@ -14,11 +14,14 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from kdfast._args import (
     DIVERGENCES,
+    REDUCTIONS,
     check_label_values,
     check_options,
     check_tensors,
@@ -39,9 +42,21 @@ def _masked_diff(weight: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.where(keep, a, 0.0) - torch.where(keep, b, 0.0)
 
 
-def _safe_log(x: Tensor) -> Tensor:
-    positive = x > 0
-    return torch.where(positive, torch.log(torch.where(positive, x, 1.0)), float("-inf"))
+def _log_mixture(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """``log(beta p + (1 - beta) q)`` in log space: finite while either probability is
+    non-zero, even where the products would flush to zero; ``-inf`` where both are 0."""
+    both_zero = (log_p == float("-inf")) & (log_q == float("-inf"))
+    a = torch.where(both_zero, 0.0, log_p) + math.log(beta)
+    b = torch.where(both_zero, 0.0, log_q) + math.log1p(-beta)
+    return torch.where(both_zero, float("-inf"), torch.logaddexp(a, b))
+
+
+def apply_softcap(x: Tensor, softcap: float | None) -> Tensor:
+    """Gemma-style ``softcap * tanh(x / softcap)``; ``-inf`` (masked) entries stay ``-inf``.
+    Identity for ``softcap=None``."""
+    if softcap is None:
+        return x
+    return torch.where(x == float("-inf"), x, softcap * torch.tanh(x / softcap))
 
 
 def divergence_rows(student: Tensor, teacher: Tensor, temperature: float, divergence: str,
@@ -58,7 +73,7 @@ def divergence_rows(student: Tensor, teacher: Tensor, temperature: float, diverg
         return (p * _masked_diff(p, log_p, log_q)).sum(-1)
     if divergence == "reverse_kl":
         return (q * _masked_diff(q, log_q, log_p)).sum(-1)
-    log_m = _safe_log(beta * p + (1.0 - beta) * q)
+    log_m = _log_mixture(log_p, log_q, beta)
     kl_pm = (p * _masked_diff(p, log_p, log_m)).sum(-1)
     kl_qm = (q * _masked_diff(q, log_q, log_m)).sum(-1)
     # A row with no finite normaliser (all NaN / all -inf) is NaN, not masked to 0.
@@ -67,8 +82,10 @@ def divergence_rows(student: Tensor, teacher: Tensor, temperature: float, diverg
 
 
 def kd_loss_rows(student: Tensor, teacher: Tensor, labels: Tensor | None, temperature: float,
-                 alpha: float, divergence: str, beta: float, ignore_index: int) -> Tensor:
-    """Per-row loss ``(1 - alpha) T^2 D + alpha CE`` (0 on ignored rows).
+                 alpha: float, divergence: str, beta: float, ignore_index: int,
+                 softcap: float | None = None) -> Tensor:
+    """Per-row loss ``(1 - alpha) T^2 D + alpha CE`` (0 on ignored rows), on the
+    soft-capped logits when ``softcap`` is set.
 
     Shapes: ``student``, ``teacher`` ``[..., V]``; ``labels`` ``[...]`` or None;
     returns ``[...]`` in float32 (float64 for float64 inputs). Differentiable.
@@ -83,6 +100,7 @@ def kd_loss_rows(student: Tensor, teacher: Tensor, labels: Tensor | None, temper
         # Zeroed ignored rows keep NaN / inf of unused rows out of the result and gradient.
         s = torch.where(counted, s, 0.0)
         t = torch.where(counted, t, 0.0)
+    s, t = apply_softcap(s, softcap), apply_softcap(t, softcap)
     rows = divergence_rows(s, t, temperature, divergence, beta) * ((1.0 - alpha) * temperature**2)
     if alpha > 0:
         rows = rows + alpha * F.cross_entropy(s, y, ignore_index=ignore_index, reduction="none")
@@ -93,64 +111,87 @@ def kd_loss_rows(student: Tensor, teacher: Tensor, labels: Tensor | None, temper
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
             temperature: float = 1.0, alpha: float = 0.0, divergence: str = "forward_kl",
-            beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean") -> Tensor:
+            beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean",
+            softcap: float | None = None) -> Tensor:
     """Reference :func:`kdfast.kd_loss`: same arguments, same result, plain PyTorch."""
-    check_options(temperature, alpha, divergence, beta, reduction, ignore_index)
+    check_options(temperature, alpha, divergence, beta, reduction, ignore_index, softcap)
     labels = check_tensors(student_logits, teacher_logits, labels, alpha)
     if labels is not None:
         check_label_values(labels, student_logits.shape[-1], ignore_index)
     rows = kd_loss_rows(student_logits, teacher_logits, labels, temperature, alpha, divergence,
-                        beta, ignore_index)
+                        beta, ignore_index, softcap)
     return reduce_rows(rows, labels, ignore_index, reduction)
 
 
 # --- references of the ops themselves (torch.ops.kdfast.*) -------------------------------
 
 
-def kd_loss_forward(student: Tensor, teacher: Tensor, labels: Tensor | None, temperature: float,
-                    alpha: float, divergence: int, beta: float,
-                    ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Reference of ``torch.ops.kdfast.kd_loss_forward``: (per-row loss ``[...]``,
-    row statistics ``[N, 7]``), see ``docs/kd_loss_math.md``."""
+def _stats(s: Tensor, t: Tensor, temperature: float, alpha: float, name: str,
+           beta: float) -> Tensor:
+    """Row statistics ``[N, 7]`` of (capped) ``[N, V]`` logits, see docs/kd_loss_math.md."""
+    max_s, max_t = s.amax(-1), t.amax(-1)
+    log_z_s = torch.logsumexp((s - max_s[:, None]) / temperature, -1)
+    log_z_t = torch.logsumexp((t - max_t[:, None]) / temperature, -1)
+    log_z_s1 = (torch.logsumexp(s - max_s[:, None], -1) if alpha > 0
+                else torch.zeros_like(log_z_s))
+    log_q = (s - max_s[:, None]) / temperature - log_z_s[:, None]
+    log_p = (t - max_t[:, None]) / temperature - log_z_t[:, None]
+    p, q = log_p.exp(), log_q.exp()
+    zero = torch.zeros_like(log_z_s)
+    if name == "forward_kl":
+        aux_s, aux_t = zero, (p * _masked_diff(p, log_p, log_q)).sum(-1)
+    elif name == "reverse_kl":
+        aux_s, aux_t = (q * _masked_diff(q, log_q, log_p)).sum(-1), zero
+    else:
+        log_m = _log_mixture(log_p, log_q, beta)
+        aux_s = (q * _masked_diff(q, log_q, log_m)).sum(-1)
+        aux_t = (p * _masked_diff(p, log_p, log_m)).sum(-1)
+    return torch.stack([max_s, max_t, log_z_s, log_z_t, log_z_s1, aux_s, aux_t], dim=-1)
+
+
+def _cap(softcap: float) -> float | None:
+    return softcap if softcap > 0 else None
+
+
+def kd_loss_fused(student: Tensor, teacher: Tensor, labels: Tensor | None, temperature: float,
+                  alpha: float, divergence: int, beta: float, ignore_index: int, softcap: float,
+                  reduction: int, student_requires_grad: bool,
+                  teacher_requires_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference of ``torch.ops.kdfast.kd_loss_fused``: (reduced loss, row statistics
+    ``[N, 7]``, d loss / d student, d loss / d teacher), empty tensors for gradients
+    not requested; ``softcap`` 0 means none, ``reduction`` indexes ``REDUCTIONS``."""
     name = DIVERGENCES[divergence]
     acc = _acc_dtype(student)
     vocab = student.shape[-1]
+    s = student.detach().to(acc).requires_grad_(student_requires_grad)
+    t = teacher.detach().to(acc).requires_grad_(teacher_requires_grad)
+    with torch.enable_grad():
+        rows = kd_loss_rows(s, t, labels, temperature, alpha, name, beta, ignore_index,
+                            _cap(softcap))
+        loss = reduce_rows(rows, labels, ignore_index, REDUCTIONS[reduction])
+        wanted = [x for x, w in ((s, student_requires_grad), (t, teacher_requires_grad)) if w]
+        grads = list(torch.autograd.grad(loss.sum(), wanted)) if wanted else []
     with torch.no_grad():
-        loss = kd_loss_rows(student, teacher, labels, temperature, alpha, name, beta, ignore_index)
-        s = student.reshape(-1, vocab).to(acc)
-        t = teacher.reshape(-1, vocab).to(acc)
-        max_s, max_t = s.amax(-1), t.amax(-1)
-        log_z_s = torch.logsumexp((s - max_s[:, None]) / temperature, -1)
-        log_z_t = torch.logsumexp((t - max_t[:, None]) / temperature, -1)
-        log_z_s1 = (torch.logsumexp(s - max_s[:, None], -1) if alpha > 0
-                    else torch.zeros_like(log_z_s))
-        log_q = (s - max_s[:, None]) / temperature - log_z_s[:, None]
-        log_p = (t - max_t[:, None]) / temperature - log_z_t[:, None]
-        p, q = log_p.exp(), log_q.exp()
-        zero = torch.zeros_like(log_z_s)
-        if name == "forward_kl":
-            aux_s, aux_t = zero, (p * _masked_diff(p, log_p, log_q)).sum(-1)
-        elif name == "reverse_kl":
-            aux_s, aux_t = (q * _masked_diff(q, log_q, log_p)).sum(-1), zero
-        else:
-            log_m = _safe_log(beta * p + (1.0 - beta) * q)
-            aux_s = (q * _masked_diff(q, log_q, log_m)).sum(-1)
-            aux_t = (p * _masked_diff(p, log_p, log_m)).sum(-1)
-        stats = torch.stack([max_s, max_t, log_z_s, log_z_t, log_z_s1, aux_s, aux_t], dim=-1)
-    return loss, stats
+        cs = apply_softcap(s.detach().reshape(-1, vocab), _cap(softcap))
+        ct = apply_softcap(t.detach().reshape(-1, vocab), _cap(softcap))
+        stats = _stats(cs, ct, temperature, alpha, name, beta)
+    grad_s = grads.pop(0).to(student.dtype) if student_requires_grad else student.new_empty(0)
+    grad_t = grads.pop(0).to(teacher.dtype) if teacher_requires_grad else teacher.new_empty(0)
+    return loss.detach(), stats, grad_s, grad_t
 
 
 def kd_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels: Tensor | None,
                      stats: Tensor, temperature: float, alpha: float, divergence: int, beta: float,
-                     ignore_index: int, student_requires_grad: bool,
+                     ignore_index: int, softcap: float, student_requires_grad: bool,
                      teacher_requires_grad: bool) -> tuple[Tensor, Tensor]:
     """Reference of ``torch.ops.kdfast.kd_loss_backward``: the closed-form gradients of
     ``docs/kd_loss_math.md`` scaled by ``grad_loss``; empty tensors where not requested."""
     name = DIVERGENCES[divergence]
     acc = _acc_dtype(student)
     vocab = student.shape[-1]
-    s = student.reshape(-1, vocab).to(acc)
-    t = teacher.reshape(-1, vocab).to(acc)
+    cap = _cap(softcap)
+    s = apply_softcap(student.reshape(-1, vocab).to(acc), cap)
+    t = apply_softcap(teacher.reshape(-1, vocab).to(acc), cap)
     max_s, max_t, log_z_s, log_z_t, log_z_s1, aux_s, aux_t = (
         stats[:, i : i + 1].to(acc) for i in range(7))
     log_q = (s - max_s) / temperature - log_z_s
@@ -158,7 +199,6 @@ def kd_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels
     p, q = log_p.exp(), log_q.exp()
     c = (1.0 - alpha) * temperature
     w = grad_loss.reshape(-1, 1).to(acc)
-    grad_s = grad_t = None
     if name == "forward_kl":
         grad_s = c * (q - p)
         grad_t = c * p * (_masked_diff(p, log_p, log_q) - aux_t)
@@ -166,7 +206,7 @@ def kd_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels
         grad_s = c * q * (_masked_diff(q, log_q, log_p) - aux_s)
         grad_t = c * (p - q)
     else:
-        log_m = _safe_log(beta * p + (1.0 - beta) * q)
+        log_m = _log_mixture(log_p, log_q, beta)
         grad_s = c * (1.0 - beta) * q * (_masked_diff(q, log_q, log_m) - aux_s)
         grad_t = c * beta * p * (_masked_diff(p, log_p, log_m) - aux_t)
     if alpha > 0:
@@ -174,6 +214,9 @@ def kd_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels
         y = labels.reshape(-1)
         onehot = F.one_hot(torch.where(y == ignore_index, 0, y), vocab).to(acc)
         grad_s = grad_s + alpha * (q1 - onehot)
+    if cap is not None:  # chain rule through the cap; 1 on masked entries
+        grad_s = grad_s * torch.where(s == float("-inf"), 1.0, 1.0 - (s / cap) ** 2)
+        grad_t = grad_t * torch.where(t == float("-inf"), 1.0, 1.0 - (t / cap) ** 2)
     grad_s, grad_t = grad_s * w, grad_t * w
     if labels is not None:
         # Ignored rows get exactly 0, even where their terms are NaN.

@@ -1,7 +1,17 @@
 // CPU kernels of kd_loss, written once with at::vec::Vectorized and compiled once per
 // instruction set (kd_loss_kernel_{default,avx2,avx512}.cpp define CPU_CAPABILITY).
-// Math: docs/kd_loss_math.md. Rows run in parallel; a row is streamed in chunks
-// small enough to stay in L1, so each input is read from memory once per pass.
+// The formulas come from ../kd_loss_math.h (shared with CUDA) through VecOps.
+//
+// A row is processed by one thread, in passes over the row:
+//   1. maxima of both inputs (the only pass that reads the inputs from memory),
+//   2. exponentials and their sums; when the gradient is wanted in the same call, the
+//      exponentials are kept in a per-thread row buffer (O(V), cache-resident),
+//   3. JSD only: KL(p||m) and KL(q||m), which need both normalisers,
+//   4. the gradient (fused call), or, in the recomputing backward, the gradient from
+//      the row statistics.
+// Passes 2-4 read the row back from L2 (a 32000-wide fp32 row pair is 256 KB), so each
+// input is read from memory once, each exponential is computed once per element and
+// the gradient is written once.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -15,9 +25,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 
 #include "../kd_loss.h"
+#include "../kd_loss_math.h"
 #include "kd_loss_cpu.h"
 
 namespace kdfast {
@@ -79,298 +91,342 @@ inline acc_t hmax(const Vectorized<acc_t>& v) {
       [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
 }
 
-// exp for the hot loops: at::vec's polynomial exp_u20 (<= 20 ulp, about 1.2e-6
-// relative, 0 for -inf) in float; Sleef's 1-ulp exp in double, where the kernels serve
-// gradcheck. exp_u20 clamps NaN to a finite value, so rows holding NaN or +inf never
-// reach it: the max pass flags them and they are made NaN as a whole (as softmax does).
+// The vector policy of kd_loss_math.h. exp is at::vec's polynomial exp_u20 (<= 20 ulp,
+// about 1.2e-6 relative, 0 for -inf) in float and Sleef's 1-ulp exp in double, where the
+// kernels serve gradcheck. exp_u20 clamps NaN to a finite value, so rows holding NaN
+// never reach it: the max pass flags them and they are made NaN as a whole.
 template <typename acc_t>
-inline Vectorized<acc_t> fast_exp(const Vectorized<acc_t>& x) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
+struct VecOps {
+  using Scalar = acc_t;
+  using V = Vectorized<acc_t>;
+  using Mask = V;  // comparison results: all bits set or none, per lane
+  static V exp(const V& x) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return x.exp_u20();
+    } else {
+      return x.exp();
+    }
   }
-}
-
-// x where keep is set, else 0 (keep is a comparison mask: all bits set or none).
-template <typename acc_t>
-inline Vectorized<acc_t> where(const Vectorized<acc_t>& keep, const Vectorized<acc_t>& x) {
-  return keep & x;
-}
-
-// Elements per chunk of a row: both inputs' chunks (<= 16 KiB in fp32) stay in L1
-// between the max pass and the exp pass.
-constexpr int64_t kChunk = 2048;
-
-// Running state of one row: scalar maxima of the raw logits shared by all lanes, and
-// per-lane sums relative to them (see docs/kd_loss_math.md, "Numerics").
-template <typename acc_t>
-struct RowState {
-  using Vec = Vectorized<acc_t>;
-  static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  acc_t max_s = kNegInf, max_t = kNegInf;
-  bool saw_nan = false;
-  Vec z_s{acc_t(0)}, z_t{acc_t(0)}, z_s1{acc_t(0)};
-  Vec w{acc_t(0)};  // weighted log-ratio sum of forward / reverse KL
+  static V log(const V& x) { return x.log(); }
+  static V log1p(const V& x) { return x.log1p(); }
+  static V tanh(const V& x) { return x.tanh(); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
+  static Mask gt(const V& a, const V& b) { return a > b; }
+  static Mask lt(const V& a, const V& b) { return a < b; }
+  static Mask eq(const V& a, const V& b) { return a == b; }
+  static V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
+  static bool any(const Mask& m) { return m.zero_mask() != (1 << V::size()) - 1; }
 };
 
-// Scalar max over n elements (n may be < a vector) of a row slice.
+// Scalar max over n elements of a row (NaN propagates).
 template <typename T, typename acc_t>
-inline acc_t slice_max(const T* p, int64_t n) {
+inline acc_t row_max(const T* p, int64_t n) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  Vec m(-std::numeric_limits<acc_t>::infinity());
+  Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0, m2 = m0, m3 = m0;
   int64_t j = 0;
-  for (; j + W <= n; j += W) m = at::vec::maximum(m, VecIO<T, acc_t>::load(p + j));
-  if (j < n) m = at::vec::maximum(m, load_tail<T, acc_t>(p + j, n - j));
-  return hmax(m);
-}
-
-// One streaming pass over a row: maxima, normalisers and (forward / reverse KL) the
-// weighted log-ratio sum, chunk by chunk. with_w selects the KL accumulator.
-template <Divergence div, typename s_t, typename t_t, typename acc_t>
-inline RowState<acc_t> row_normalisers(const s_t* s, const t_t* t, int64_t vocab, acc_t inv_temp,
-                                       bool with_s1) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  constexpr bool with_w = div != Divergence::JSD;
-  RowState<acc_t> st;
-  for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
-    const int64_t len = std::min(kChunk, vocab - c0);
-    const acc_t cmax_s = slice_max<s_t, acc_t>(s + c0, len);
-    const acc_t cmax_t = slice_max<t_t, acc_t>(t + c0, len);
-    // at::vec::maximum propagates NaN: a NaN logit makes its chunk maximum NaN.
-    if (std::isnan(cmax_s) || std::isnan(cmax_t)) {
-      st.saw_nan = true;
-      return st;
-    }
-    if (cmax_t > st.max_t) {
-      if (st.max_t != RowState<acc_t>::kNegInf) {
-        const acc_t delta = (cmax_t - st.max_t) * inv_temp;
-        const Vec r(std::exp(-delta));
-        if (with_w && div == Divergence::ForwardKL) st.w = r * (st.w - Vec(delta) * st.z_t);
-        st.z_t = st.z_t * r;
-        if (with_w && div == Divergence::ReverseKL) st.w = st.w + Vec(delta) * st.z_s;
-      }
-      st.max_t = cmax_t;
-    }
-    if (cmax_s > st.max_s) {
-      if (st.max_s != RowState<acc_t>::kNegInf) {
-        const acc_t delta = (cmax_s - st.max_s) * inv_temp;
-        const Vec r(std::exp(-delta));
-        if (with_w && div == Divergence::ReverseKL) st.w = r * (st.w - Vec(delta) * st.z_s);
-        st.z_s = st.z_s * r;
-        if (with_w && div == Divergence::ForwardKL) st.w = st.w + Vec(delta) * st.z_t;
-        if (with_s1) st.z_s1 = st.z_s1 * Vec(std::exp(st.max_s - cmax_s));
-      }
-      st.max_s = cmax_s;
-    }
-    // An infinite maximum makes the row undefined; nothing more to sum.
-    if (st.max_s == std::numeric_limits<acc_t>::infinity() || st.max_t == std::numeric_limits<acc_t>::infinity()) {
-      return st;
-    }
-    // While a side has seen only -inf (masked vocabulary) its terms are exp(-inf) = 0
-    // whatever the shift: shift by 0 rather than -inf to avoid -inf - -inf = NaN.
-    const Vec vmax_s(st.max_s == RowState<acc_t>::kNegInf ? acc_t(0) : st.max_s);
-    const Vec vmax_t(st.max_t == RowState<acc_t>::kNegInf ? acc_t(0) : st.max_t);
-    const Vec vinv(inv_temp), zero(acc_t(0));
-    for (int64_t j = 0; j < len; j += W) {
-      const int64_t n = std::min(W, len - j);
-      const Vec sv = load_n<s_t, acc_t>(s + c0 + j, n);
-      const Vec tv = load_n<t_t, acc_t>(t + c0 + j, n);
-      // (s - max) is exact near the maximum, so the largest term is exactly exp(0) = 1.
-      const Vec xs = (sv - vmax_s) * vinv;
-      const Vec xt = (tv - vmax_t) * vinv;
-      const Vec es = fast_exp(xs), et = fast_exp(xt);
-      st.z_s = st.z_s + es;
-      st.z_t = st.z_t + et;
-      if (div == Divergence::ForwardKL) st.w = st.w + where(et > zero, et * (xt - xs));
-      if (div == Divergence::ReverseKL) st.w = st.w + where(es > zero, es * (xs - xt));
-      if (with_s1) st.z_s1 = st.z_s1 + fast_exp(sv - vmax_s);
-    }
+  for (; j + 4 * W <= n; j += 4 * W) {
+    m0 = at::vec::maximum(m0, VecIO<T, acc_t>::load(p + j));
+    m1 = at::vec::maximum(m1, VecIO<T, acc_t>::load(p + j + W));
+    m2 = at::vec::maximum(m2, VecIO<T, acc_t>::load(p + j + 2 * W));
+    m3 = at::vec::maximum(m3, VecIO<T, acc_t>::load(p + j + 3 * W));
   }
-  return st;
+  for (; j < n; j += W) m0 = at::vec::maximum(m0, load_n<T, acc_t>(p + j, std::min(W, n - j)));
+  return hmax(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
 }
 
-template <Divergence div, typename s_t, typename t_t, typename acc_t>
-void forward_rows(const KdLossParams& p, int64_t begin, int64_t end) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const acc_t inv_temp = acc_t(1) / static_cast<acc_t>(p.temperature);
-  const acc_t temp = static_cast<acc_t>(p.temperature);
-  const acc_t alpha = static_cast<acc_t>(p.alpha);
-  const acc_t beta = static_cast<acc_t>(p.beta);
-  const acc_t kd_scale = (acc_t(1) - alpha) * temp * temp;
-  const bool with_ce = p.alpha > 0;
-  const bool with_s1 = with_ce && p.temperature != 1.0;
-  auto* loss = static_cast<acc_t*>(p.loss);
-  auto* stats = static_cast<acc_t*>(p.stats);
-  const int64_t vocab = p.vocab;
-
-  for (int64_t row = begin; row < end; ++row) {
-    acc_t* srow = stats + row * kStatsCols;
-    const int64_t label = p.labels ? p.labels[row] : 0;
-    if (p.labels && label == p.ignore_index) {
-      loss[row] = acc_t(0);
-      for (int64_t k = 0; k < kStatsCols; ++k) srow[k] = acc_t(0);
-      continue;
-    }
-    const s_t* s = static_cast<const s_t*>(p.student) + p.student_layout.offset(row);
-    const t_t* t = static_cast<const t_t*>(p.teacher) + p.teacher_layout.offset(row);
-    RowState<acc_t> st = row_normalisers<div, s_t, t_t, acc_t>(s, t, vocab, inv_temp, with_s1);
-    // NaN or +inf anywhere, or a side masked entirely: softmax is undefined, so is the row.
-    if (st.saw_nan || !std::isfinite(st.max_s) || !std::isfinite(st.max_t)) {
-      constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-      loss[row] = nan;
-      for (int64_t k = 0; k < kStatsCols; ++k) srow[k] = nan;
-      continue;
-    }
-    const acc_t z_s = hsum(st.z_s), z_t = hsum(st.z_t);
-    const acc_t log_z_s = std::log(z_s), log_z_t = std::log(z_t);
-    acc_t d = 0, aux_s = 0, aux_t = 0;
-    if (div == Divergence::ForwardKL) {
-      d = aux_t = hsum(st.w) / z_t - log_z_t + log_z_s;
-    } else if (div == Divergence::ReverseKL) {
-      d = aux_s = hsum(st.w) / z_s - log_z_s + log_z_t;
-    } else {
-      // Second pass (from cache for ordinary V): the mixture needs both normalisers.
-      const Vec vmax_s(st.max_s), vmax_t(st.max_t), vinv(inv_temp), zero(acc_t(0));
-      const Vec vlzs(log_z_s), vlzt(log_z_t), vb(beta), vb1(acc_t(1) - beta);
-      Vec kl_pm(acc_t(0)), kl_qm(acc_t(0));
-      for (int64_t j = 0; j < vocab; j += W) {
-        const int64_t n = std::min(W, vocab - j);
-        const Vec log_q = (load_n<s_t, acc_t>(s + j, n) - vmax_s) * vinv - vlzs;
-        const Vec log_p = (load_n<t_t, acc_t>(t + j, n) - vmax_t) * vinv - vlzt;
-        const Vec q = fast_exp(log_q), pr = fast_exp(log_p);
-        const Vec log_m = (vb * pr + vb1 * q).log();
-        kl_pm = kl_pm + where(pr > zero, pr * (log_p - log_m));
-        kl_qm = kl_qm + where(q > zero, q * (log_q - log_m));
-      }
-      aux_t = hsum(kl_pm);
-      aux_s = hsum(kl_qm);
-      d = beta * aux_t + (acc_t(1) - beta) * aux_s;
-    }
-    acc_t row_loss = kd_scale * d;
-    acc_t log_z_s1 = 0;
-    if (with_ce) {
-      log_z_s1 = with_s1 ? std::log(hsum(st.z_s1)) : log_z_s;
-      const acc_t s_label = static_cast<acc_t>(s[label]);
-      // (max - s_y) first: adding log_z to a logit of 1e4 would round it to ~1e-3.
-      row_loss += alpha * ((st.max_s - s_label) + log_z_s1);
-    }
-    loss[row] = row_loss;
-    srow[kMaxS] = st.max_s;
-    srow[kMaxT] = st.max_t;
-    srow[kLogZS] = log_z_s;
-    srow[kLogZT] = log_z_t;
-    srow[kLogZS1] = log_z_s1;
-    srow[kAuxS] = aux_s;
-    srow[kAuxT] = aux_t;
+// Per-thread row buffers of the fused call: the exponentials of pass 2, in acc_t.
+template <typename acc_t>
+struct Scratch {
+  std::unique_ptr<acc_t[]> data;
+  acc_t *e_s = nullptr, *e_t = nullptr, *e_s1 = nullptr;
+  Scratch(int64_t vocab, bool with_s1) {
+    const int64_t w = Vectorized<acc_t>::size();
+    const int64_t padded = (vocab + w - 1) / w * w;
+    data.reset(new acc_t[padded * (with_s1 ? 3 : 2)]);
+    e_s = data.get();
+    e_t = e_s + padded;
+    e_s1 = with_s1 ? e_t + padded : nullptr;
   }
-}
+};
 
-template <Divergence div, typename s_t, typename t_t, typename acc_t>
-void backward_rows(const KdLossParams& p, int64_t begin, int64_t end) {
+// Everything about one row's computation for one (divergence, soft-cap, dtypes)
+// combination.
+template <Divergence div, bool kCap, typename s_t, typename t_t, typename acc_t>
+struct RowKernel {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const acc_t temp = static_cast<acc_t>(p.temperature);
-  const acc_t inv_temp = acc_t(1) / temp;
-  const acc_t alpha = static_cast<acc_t>(p.alpha);
-  const acc_t beta = static_cast<acc_t>(p.beta);
-  const bool with_ce = p.alpha > 0;
-  const int64_t vocab = p.vocab;
-  const auto* grad_loss = static_cast<const acc_t*>(p.grad_loss);
-  const auto* stats = static_cast<const acc_t*>(p.stats_in);
-  auto* grad_s = static_cast<s_t*>(p.grad_student);
-  auto* grad_t = static_cast<t_t*>(p.grad_teacher);
-  const Vec zero(acc_t(0)), vinv(inv_temp), vb(beta), vb1(acc_t(1) - beta);
+  using Ops = VecOps<acc_t>;
+  static constexpr int64_t W = Vec::size();
+  static constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
 
-  alignas(64) acc_t lane_index_buf[W];
-  for (int64_t k = 0; k < W; ++k) lane_index_buf[k] = static_cast<acc_t>(k);
-  const Vec lane_index = Vec::loadu(lane_index_buf);
+  const KdLossParams& p;
+  const math::RowConsts<acc_t> k;
+  const math::Mixture<Vec> mix;
+  const Vec vcap, vinv_cap, vinv_temp;
 
-  for (int64_t row = begin; row < end; ++row) {
-    s_t* gs_row = grad_s ? grad_s + row * vocab : nullptr;
-    t_t* gt_row = grad_t ? grad_t + row * vocab : nullptr;
-    const int64_t label = p.labels ? p.labels[row] : -1;
-    if (p.labels && label == p.ignore_index) {
-      if (gs_row) std::fill(gs_row, gs_row + vocab, s_t(0));
-      if (gt_row) std::fill(gt_row, gt_row + vocab, t_t(0));
-      continue;
+  explicit RowKernel(const KdLossParams& params)
+      : p(params),
+        k(math::make_row_consts<acc_t>(params.temperature, params.alpha, params.beta, params.softcap)),
+        mix(broadcast(math::make_mixture<acc_t>(static_cast<acc_t>(params.beta)))),
+        vcap(k.cap),
+        vinv_cap(k.inv_cap),
+        vinv_temp(k.inv_temp) {}
+
+  static math::Mixture<Vec> broadcast(const math::Mixture<acc_t>& m) {
+    return {Vec(m.beta), Vec(m.beta1), Vec(m.log_beta), Vec(m.log_beta1), Vec(m.tiny)};
+  }
+
+  // (Capped) logits of n elements, -inf padded.
+  Vec load_s(const s_t* s, int64_t n) const {
+    const Vec v = load_n<s_t, acc_t>(s, n);
+    if constexpr (kCap) return math::softcap<Ops>(v, vcap, vinv_cap);
+    return v;
+  }
+  Vec load_t(const t_t* t, int64_t n) const {
+    const Vec v = load_n<t_t, acc_t>(t, n);
+    if constexpr (kCap) return math::softcap<Ops>(v, vcap, vinv_cap);
+    return v;
+  }
+  // The cap of a raw maximum, computed by the same vector code as the elements.
+  acc_t cap_scalar(acc_t x) const {
+    if constexpr (kCap) {
+      alignas(64) acc_t out[W];
+      math::softcap<Ops>(Vec(x), vcap, vinv_cap).store(out);
+      return out[0];
     }
-    const s_t* s = static_cast<const s_t*>(p.student) + p.student_layout.offset(row);
-    const t_t* t = static_cast<const t_t*>(p.teacher) + p.teacher_layout.offset(row);
-    const acc_t* st = stats + row * kStatsCols;
-    const acc_t w = grad_loss[row];
-    if (std::isnan(st[kLogZS])) {  // an undefined row (see forward_rows): NaN gradient
-      constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-      if (gs_row) std::fill(gs_row, gs_row + vocab, static_cast<s_t>(nan));
-      if (gt_row) std::fill(gt_row, gt_row + vocab, static_cast<t_t>(nan));
-      continue;
-    }
-    // c = (1 - alpha) T (the T^2 of the loss times d(s/T)/ds), times the incoming gradient.
-    const Vec c((acc_t(1) - alpha) * temp * w);
-    const Vec vmax_s(st[kMaxS]), vmax_t(st[kMaxT]), vlzs(st[kLogZS]), vlzt(st[kLogZT]);
-    const Vec vlzs1(st[kLogZS1]), aux_s(st[kAuxS]), aux_t(st[kAuxT]), ce_w(alpha * w);
+    return x;
+  }
 
+  const s_t* student_row(int64_t row) const {
+    return static_cast<const s_t*>(p.student) + p.student_layout.offset(row);
+  }
+  const t_t* teacher_row(int64_t row) const {
+    return static_cast<const t_t*>(p.teacher) + p.teacher_layout.offset(row);
+  }
+  acc_t row_weight(int64_t row) const {
+    return p.grad_loss == nullptr ? acc_t(1) : static_cast<const acc_t*>(p.grad_loss)[row * p.grad_loss_stride];
+  }
+
+  // Pass 2: sums of one row (maxima known and finite); keeps the exponentials in sc.
+  math::RowSums<acc_t> sums(const s_t* s, const t_t* t, acc_t max_s, acc_t max_t, Scratch<acc_t>* sc) const {
+    const Vec vmax_s(max_s), vmax_t(max_t);
+    Vec z_s(acc_t(0)), z_t(acc_t(0)), z_s1(acc_t(0)), w(acc_t(0));
+    const int64_t vocab = p.vocab;
     for (int64_t j = 0; j < vocab; j += W) {
       const int64_t n = std::min(W, vocab - j);
-      const Vec sv = load_n<s_t, acc_t>(s + j, n);
-      const Vec ds = sv - vmax_s;
-      const Vec log_q = ds * vinv - vlzs;
-      const Vec log_p = (load_n<t_t, acc_t>(t + j, n) - vmax_t) * vinv - vlzt;
-      const Vec q = fast_exp(log_q), pr = fast_exp(log_p);
-      Vec gs, gt;
-      if (div == Divergence::ForwardKL) {
-        gs = c * (q - pr);
-        gt = c * pr * (where(pr > zero, log_p - log_q) - aux_t);
-      } else if (div == Divergence::ReverseKL) {
-        gs = c * q * (where(q > zero, log_q - log_p) - aux_s);
-        gt = c * (pr - q);
-      } else {
-        const Vec log_m = (vb * pr + vb1 * q).log();
-        gs = c * vb1 * q * (where(q > zero, log_q - log_m) - aux_s);
-        gt = c * vb * pr * (where(pr > zero, log_p - log_m) - aux_t);
+      const Vec sv = load_s(s + j, n), tv = load_t(t + j, n);
+      // (s - max) is exact near the maximum, so the largest term is exactly exp(0) = 1.
+      const Vec xs = (sv - vmax_s) * vinv_temp, xt = (tv - vmax_t) * vinv_temp;
+      const Vec es = Ops::exp(xs), et = Ops::exp(xt);
+      z_s = z_s + es;
+      z_t = z_t + et;
+      if constexpr (div == Divergence::ForwardKL) w = w + math::weighted_diff<Ops>(et, xt, xs);
+      if constexpr (div == Divergence::ReverseKL) w = w + math::weighted_diff<Ops>(es, xs, xt);
+      if (sc != nullptr) {
+        es.store(sc->e_s + j);
+        et.store(sc->e_t + j);
       }
-      if (gs_row) {
-        if (with_ce) {
-          const Vec q1 = fast_exp(ds - vlzs1);
+      if (k.with_s1) {
+        const Vec es1 = Ops::exp(sv - vmax_s);
+        z_s1 = z_s1 + es1;
+        if (sc != nullptr) es1.store(sc->e_s1 + j);
+      }
+    }
+    return {max_s, max_t, hsum(z_s), hsum(z_t), hsum(z_s1), hsum(w)};
+  }
+
+  // Pass 3 (JSD): KL(p||m) and KL(q||m) of one row.
+  void jsd(const s_t* s, const t_t* t, math::RowStats<acc_t>& r, const math::RowSums<acc_t>& st,
+           const Scratch<acc_t>* sc) const {
+    const Vec vmax_s(r.max_s), vmax_t(r.max_t), vlzs(r.log_z_s), vlzt(r.log_z_t);
+    const Vec inv_zs(acc_t(1) / st.z_s), inv_zt(acc_t(1) / st.z_t);
+    Vec kl_pm(acc_t(0)), kl_qm(acc_t(0));
+    const int64_t vocab = p.vocab;
+    for (int64_t j = 0; j < vocab; j += W) {
+      const int64_t n = std::min(W, vocab - j);
+      const Vec log_q = (load_s(s + j, n) - vmax_s) * vinv_temp - vlzs;
+      const Vec log_p = (load_t(t + j, n) - vmax_t) * vinv_temp - vlzt;
+      const Vec q = sc != nullptr ? Vec::loadu(sc->e_s + j) * inv_zs : Ops::exp(log_q);
+      const Vec pr = sc != nullptr ? Vec::loadu(sc->e_t + j) * inv_zt : Ops::exp(log_p);
+      math::jsd_terms<Ops>(log_q, log_p, q, pr, mix, kl_pm, kl_qm);
+    }
+    math::set_jsd(r, hsum(kl_pm), hsum(kl_qm));
+  }
+
+  // Pass 4: gradients of one counted row. With sc (fused call) the probabilities come
+  // from the kept exponentials; without (recomputing backward), from exp of the logits.
+  template <bool kStudent, bool kTeacher>
+  void gradients(const s_t* s, const t_t* t, const math::RowStats<acc_t>& r, acc_t weight, int64_t label,
+                 s_t* gs_row, t_t* gt_row, const Scratch<acc_t>* sc, acc_t z_s, acc_t z_t, acc_t z_s1) const {
+    const math::GradConsts<acc_t> g = math::grad_consts(r, k, weight);
+    const math::GradConsts<Vec> gv{Vec(g.c), Vec(g.aux_s), Vec(g.aux_t)};
+    const Vec vmax_s(r.max_s), vmax_t(r.max_t), vlzs(r.log_z_s), vlzt(r.log_z_t), vlzs1(r.log_z_s1);
+    const Vec inv_zs(acc_t(1) / z_s), inv_zt(acc_t(1) / z_t), inv_zs1(acc_t(1) / z_s1);
+    const Vec ce_w(k.alpha * weight), zero(acc_t(0));
+    // Forward KL's student gradient c (q - p) needs no logits when the exponentials are kept.
+    constexpr bool kLogits = kCap || kTeacher || div != Divergence::ForwardKL;
+    const bool read_logits = kLogits || sc == nullptr;
+    const int64_t vocab = p.vocab;
+    for (int64_t j = 0; j < vocab; j += W) {
+      const int64_t n = std::min(W, vocab - j);
+      Vec sv = zero, tv = zero, log_q = zero, log_p = zero, q, pr;
+      if (read_logits) {
+        sv = load_s(s + j, n);
+        tv = load_t(t + j, n);
+        log_q = (sv - vmax_s) * vinv_temp - vlzs;
+        log_p = (tv - vmax_t) * vinv_temp - vlzt;
+      }
+      if (sc != nullptr) {
+        q = Vec::loadu(sc->e_s + j) * inv_zs;
+        pr = Vec::loadu(sc->e_t + j) * inv_zt;
+      } else {
+        q = Ops::exp(log_q);
+        pr = Ops::exp(log_p);
+      }
+      Vec gs, gt;
+      math::divergence_grads<div, Ops>(log_q, log_p, q, pr, gv, mix, gs, gt);
+      if constexpr (kStudent) {
+        if (k.with_ce) {
+          Vec q1 = q;
+          if (k.with_s1) q1 = sc != nullptr ? Vec::loadu(sc->e_s1 + j) * inv_zs1 : Ops::exp(sv - vmax_s - vlzs1);
           gs = gs + ce_w * q1;
           // The one-hot part of the cross-entropy gradient, in the vector holding the label.
           if (label >= j && label < j + n) {
-            gs = gs - Vec::blendv(zero, ce_w, lane_index == Vec(static_cast<acc_t>(label - j)));
+            alignas(64) acc_t buf[W];
+            gs.store(buf);
+            buf[label - j] -= k.alpha * weight;
+            gs = Vec::loadu(buf);
           }
         }
+        if constexpr (kCap) gs = gs * math::softcap_slope<Ops>(sv, vinv_cap);
         VecIO<s_t, acc_t>::store(gs, gs_row + j, n);
       }
-      if (gt_row) VecIO<t_t, acc_t>::store(gt, gt_row + j, n);
+      if constexpr (kTeacher) {
+        if constexpr (kCap) gt = gt * math::softcap_slope<Ops>(tv, vinv_cap);
+        VecIO<t_t, acc_t>::store(gt, gt_row + j, n);
+      }
     }
   }
-}
+
+  template <typename F>
+  void with_gradient_kinds(bool student, bool teacher, const F& f) const {
+    if (student && teacher) {
+      f(std::true_type{}, std::true_type{});
+    } else if (student) {
+      f(std::true_type{}, std::false_type{});
+    } else if (teacher) {
+      f(std::false_type{}, std::true_type{});
+    }
+  }
+
+  s_t* grad_student_row(int64_t row) const {
+    return p.grad_student == nullptr ? nullptr : static_cast<s_t*>(p.grad_student) + row * p.vocab;
+  }
+  t_t* grad_teacher_row(int64_t row) const {
+    return p.grad_teacher == nullptr ? nullptr : static_cast<t_t*>(p.grad_teacher) + row * p.vocab;
+  }
+
+  void fill_row(int64_t row, acc_t value) const {
+    if (s_t* g = grad_student_row(row)) std::fill(g, g + p.vocab, static_cast<s_t>(value));
+    if (t_t* g = grad_teacher_row(row)) std::fill(g, g + p.vocab, static_cast<t_t>(value));
+  }
+
+  // Loss, stats and (when p.grad_* are set) gradients of rows [begin, end).
+  void forward(int64_t begin, int64_t end) const {
+    auto* loss = static_cast<acc_t*>(p.loss);
+    auto* stats = static_cast<acc_t*>(p.stats);
+    const bool with_grad = p.grad_student != nullptr || p.grad_teacher != nullptr;
+    std::unique_ptr<Scratch<acc_t>> scratch;
+    if (with_grad) scratch = std::make_unique<Scratch<acc_t>>(p.vocab, k.with_s1);
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* srow = stats == nullptr ? nullptr : stats + row * kStatsCols;
+      const int64_t label = p.labels ? p.labels[row] : 0;
+      if (p.labels && label == p.ignore_index) {
+        loss[row] = acc_t(0);
+        if (srow) math::fill_stats(srow, acc_t(0));
+        fill_row(row, acc_t(0));
+        continue;
+      }
+      const s_t* s = student_row(row);
+      const t_t* t = teacher_row(row);
+      const acc_t max_s = cap_scalar(row_max<s_t, acc_t>(s, p.vocab));
+      const acc_t max_t = cap_scalar(row_max<t_t, acc_t>(t, p.vocab));
+      if (!math::row_defined(max_s, max_t)) {
+        loss[row] = kNaN;
+        if (srow) math::fill_stats(srow, kNaN);
+        fill_row(row, kNaN);
+        continue;
+      }
+      const math::RowSums<acc_t> st = sums(s, t, max_s, max_t, scratch.get());
+      math::RowStats<acc_t> r = math::row_stats<div>(st, k);
+      if constexpr (div == Divergence::JSD) jsd(s, t, r, st, scratch.get());
+      const acc_t s_label = k.with_ce ? cap_scalar(static_cast<acc_t>(s[label])) : acc_t(0);
+      loss[row] = math::row_loss<div>(r, k, s_label);
+      if (srow) math::store_stats(r, srow);
+      if (!with_grad) continue;
+      s_t* gs_row = grad_student_row(row);
+      t_t* gt_row = grad_teacher_row(row);
+      with_gradient_kinds(p.grad_student != nullptr, p.grad_teacher != nullptr, [&](auto ks, auto kt) {
+        gradients<decltype(ks)::value, decltype(kt)::value>(s, t, r, row_weight(row), label, gs_row, gt_row,
+                                                             scratch.get(), st.z_s, st.z_t, st.z_s1);
+      });
+    }
+  }
+
+  // Gradients of rows [begin, end) recomputed from the forward's stats.
+  void backward(int64_t begin, int64_t end) const {
+    const auto* stats = static_cast<const acc_t*>(p.stats_in);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t label = p.labels ? p.labels[row] : -1;
+      if (p.labels && label == p.ignore_index) {  // stats of ignored rows may hold anything
+        fill_row(row, acc_t(0));
+        continue;
+      }
+      const math::RowStats<acc_t> r = math::load_stats(stats + row * kStatsCols);
+      if (!math::row_defined(r.max_s, r.max_t)) {
+        fill_row(row, kNaN);
+        continue;
+      }
+      s_t* gs_row = grad_student_row(row);
+      t_t* gt_row = grad_teacher_row(row);
+      with_gradient_kinds(p.grad_student != nullptr, p.grad_teacher != nullptr, [&](auto ks, auto kt) {
+        gradients<decltype(ks)::value, decltype(kt)::value>(student_row(row), teacher_row(row), r,
+                                                             row_weight(row), label, gs_row, gt_row, nullptr,
+                                                             acc_t(1), acc_t(1), acc_t(1));
+      });
+    }
+  }
+};
 
 // Rows per parallel task: enough elements to amortise scheduling.
 inline int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1)); }
 
-template <typename s_t, typename t_t, typename acc_t>
-void run_forward(const KdLossParams& p) {
-  at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t b, int64_t e) {
-    switch (p.divergence) {
-      case Divergence::ForwardKL: forward_rows<Divergence::ForwardKL, s_t, t_t, acc_t>(p, b, e); break;
-      case Divergence::ReverseKL: forward_rows<Divergence::ReverseKL, s_t, t_t, acc_t>(p, b, e); break;
-      case Divergence::JSD: forward_rows<Divergence::JSD, s_t, t_t, acc_t>(p, b, e); break;
+template <bool kBackward, typename s_t, typename t_t, typename acc_t>
+void run(const KdLossParams& p) {
+  auto go = [&](auto div_tag, auto cap_tag) {
+    const RowKernel<decltype(div_tag)::value, decltype(cap_tag)::value, s_t, t_t, acc_t> kernel(p);
+    at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t b, int64_t e) {
+      if constexpr (kBackward) {
+        kernel.backward(b, e);
+      } else {
+        kernel.forward(b, e);
+      }
+    });
+  };
+  auto with_cap = [&](auto div_tag) {
+    if (p.softcap > 0) {
+      go(div_tag, std::true_type{});
+    } else {
+      go(div_tag, std::false_type{});
     }
-  });
-}
-
-template <typename s_t, typename t_t, typename acc_t>
-void run_backward(const KdLossParams& p) {
-  at::parallel_for(0, p.rows, grain_rows(p.vocab), [&](int64_t b, int64_t e) {
-    switch (p.divergence) {
-      case Divergence::ForwardKL: backward_rows<Divergence::ForwardKL, s_t, t_t, acc_t>(p, b, e); break;
-      case Divergence::ReverseKL: backward_rows<Divergence::ReverseKL, s_t, t_t, acc_t>(p, b, e); break;
-      case Divergence::JSD: backward_rows<Divergence::JSD, s_t, t_t, acc_t>(p, b, e); break;
-    }
-  });
+  };
+  using D = Divergence;
+  switch (p.divergence) {
+    case D::ForwardKL: with_cap(std::integral_constant<D, D::ForwardKL>{}); break;
+    case D::ReverseKL: with_cap(std::integral_constant<D, D::ReverseKL>{}); break;
+    case D::JSD: with_cap(std::integral_constant<D, D::JSD>{}); break;
+  }
 }
 
 // Calls f.template operator()<s_t, t_t, acc_t>() for the (student, teacher) dtypes.
@@ -400,36 +456,64 @@ void dispatch_dtypes(c10::ScalarType s, c10::ScalarType t, const F& f) {
   }
 }
 
-}  // namespace CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace kdfast
-
-namespace kdfast {
-namespace cpu {
-namespace CPU_CAPABILITY {
 struct ForwardLauncher {
   const KdLossParams& p;
   template <typename s_t, typename t_t, typename acc_t>
-  void operator()() const { run_forward<s_t, t_t, acc_t>(p); }
+  void operator()() const { run<false, s_t, t_t, acc_t>(p); }
 };
 struct BackwardLauncher {
   const KdLossParams& p;
   template <typename s_t, typename t_t, typename acc_t>
-  void operator()() const { run_backward<s_t, t_t, acc_t>(p); }
+  void operator()() const { run<true, s_t, t_t, acc_t>(p); }
 };
+
+// grad[r, :] *= scale[r] for the rows whose scale is not exactly 1.
+template <typename T, typename acc_t>
+void scale_rows(T* grad, int64_t rows, int64_t vocab, const double* scale, int64_t scale_stride) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  at::parallel_for(0, rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const double w = scale[row * scale_stride];
+      if (w == 1.0) continue;
+      const Vec vw(static_cast<acc_t>(w));
+      T* g = grad + row * vocab;
+      for (int64_t j = 0; j < vocab; j += W) {
+        const int64_t n = std::min(W, vocab - j);
+        VecIO<T, acc_t>::store(load_n<T, acc_t>(g + j, n) * vw, g + j, n);
+      }
+    }
+  });
+}
+
+inline void scale_grad(void* grad, c10::ScalarType dtype, int64_t rows, int64_t vocab, const double* scale,
+                       int64_t scale_stride) {
+  switch (dtype) {
+    case c10::ScalarType::Double: scale_rows<double, double>(static_cast<double*>(grad), rows, vocab, scale, scale_stride); return;
+    case c10::ScalarType::Float: scale_rows<float, float>(static_cast<float*>(grad), rows, vocab, scale, scale_stride); return;
+    case c10::ScalarType::Half: scale_rows<c10::Half, float>(static_cast<c10::Half*>(grad), rows, vocab, scale, scale_stride); return;
+    case c10::ScalarType::BFloat16: scale_rows<c10::BFloat16, float>(static_cast<c10::BFloat16*>(grad), rows, vocab, scale, scale_stride); return;
+    default: TORCH_CHECK(false, "kd_loss_scale_grad_: unsupported grad dtype ", dtype);
+  }
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace kdfast
 
 // Defines the entry points of one instruction set; used once per kd_loss_kernel_*.cpp.
-#define KDFAST_DEFINE_KD_LOSS_CPU_KERNELS(SUFFIX)                                                \
-  namespace kdfast {                                                                             \
-  namespace cpu {                                                                                \
-  void kd_loss_forward_##SUFFIX(const KdLossParams& p, c10::ScalarType s, c10::ScalarType t) {  \
-    CPU_CAPABILITY::dispatch_dtypes(s, t, CPU_CAPABILITY::ForwardLauncher{p});                   \
-  }                                                                                              \
-  void kd_loss_backward_##SUFFIX(const KdLossParams& p, c10::ScalarType s, c10::ScalarType t) { \
-    CPU_CAPABILITY::dispatch_dtypes(s, t, CPU_CAPABILITY::BackwardLauncher{p});                  \
-  }                                                                                              \
-  }                                                                                              \
+#define KDFAST_DEFINE_KD_LOSS_CPU_KERNELS(SUFFIX)                                                   \
+  namespace kdfast {                                                                                \
+  namespace cpu {                                                                                   \
+  void kd_loss_forward_##SUFFIX(const KdLossParams& p, c10::ScalarType s, c10::ScalarType t) {     \
+    CPU_CAPABILITY::dispatch_dtypes(s, t, CPU_CAPABILITY::ForwardLauncher{p});                      \
+  }                                                                                                 \
+  void kd_loss_backward_##SUFFIX(const KdLossParams& p, c10::ScalarType s, c10::ScalarType t) {    \
+    CPU_CAPABILITY::dispatch_dtypes(s, t, CPU_CAPABILITY::BackwardLauncher{p});                     \
+  }                                                                                                 \
+  void kd_loss_scale_grad_##SUFFIX(void* grad, c10::ScalarType dtype, int64_t rows, int64_t vocab, \
+                                   const double* scale, int64_t scale_stride) {                    \
+    CPU_CAPABILITY::scale_grad(grad, dtype, rows, vocab, scale, scale_stride);                      \
+  }                                                                                                 \
+  }                                                                                                 \
   }

@@ -723,8 +723,20 @@ def write_markdown(rows: Sequence[Row], path: Path, *, title: str, info: dict, c
     path.write_text("\n".join(parts).rstrip() + "\n")
 
 
+def can_plot() -> bool:
+    """Whether matplotlib can be imported (:func:`write_plot` needs it; nothing else does)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_plot(rows: Sequence[Row], path: Path, *, title: str) -> None:
-    """Grouped bars per case: time (log scale) and peak extra memory per provider."""
+    """Grouped bars per case: time (log scale) and peak extra memory per provider.
+
+    Needs matplotlib (check with :func:`can_plot`).
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,7 +1,19 @@
-"""Fake kernels and autograd for ``kdfast::kd_loss_forward`` / ``kd_loss_backward``.
+"""Fake kernels and autograd for the ``kdfast::kd_loss_*`` ops.
 
-The forward op returns the per-row loss and O(N) row statistics; the backward op
-recomputes the gradients from them in one pass (see ``docs/kd_loss_math.md``).
+``kd_loss_fused`` computes the reduced loss, O(rows) row statistics and, for the
+inputs flagged, the gradient of the loss in the same pass over the logits. Its
+backward has two paths (see ``docs/kd_loss_math.md``, "Which path runs when"):
+
+- **kept gradient** (the first backward after a forward that computed gradients):
+  the kept gradient is scaled in place by the incoming gradient with
+  ``kd_loss_scale_grad_``, which skips rows whose scale is exactly 1, and handed to
+  autograd. No second gradient-sized buffer, no pass over the logits.
+- **recompute** (a later backward of the same graph, ``retain_graph=True``, or a
+  forward that computed no gradient): ``kd_loss_backward`` recomputes the gradient
+  from the inputs and the row statistics in one pass.
+
+Under tracing (``torch.compile``, ``opcheck``'s AOT checks) the kept gradient is
+scaled out of place, so the traced graph stays functional.
 """
 
 from __future__ import annotations
@@ -11,57 +23,118 @@ import math
 import torch
 
 _STATS_COLS = 7
+_REDUCTION_NONE = 2
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("kdfast::kd_loss_forward")
-def _kd_loss_forward_fake(student, teacher, labels, temperature, alpha, divergence, beta,
-                          ignore_index):
+def _empty_or_like(x: torch.Tensor, wanted: bool) -> torch.Tensor:
+    if wanted:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty(0)
+
+
+@torch.library.register_fake("kdfast::kd_loss_fused")
+def _kd_loss_fused_fake(student, teacher, labels, temperature, alpha, divergence, beta,
+                        ignore_index, softcap, reduction, student_requires_grad,
+                        teacher_requires_grad):
     torch._check(student.shape == teacher.shape,
                  lambda: "kd_loss: student_logits and teacher_logits must have the same shape")
     torch._check(student.dim() >= 1, lambda: "kd_loss: student_logits must have shape [..., V]")
     rows = math.prod(student.shape[:-1])
     acc = _acc_dtype(student)
-    loss = student.new_empty(student.shape[:-1], dtype=acc)
+    shape = student.shape[:-1] if reduction == _REDUCTION_NONE else ()
+    loss = student.new_empty(shape, dtype=acc)
     stats = student.new_empty((rows, _STATS_COLS), dtype=acc)
-    return loss, stats
+    return (loss, stats, _empty_or_like(student, student_requires_grad),
+            _empty_or_like(teacher, teacher_requires_grad))
 
 
 @torch.library.register_fake("kdfast::kd_loss_backward")
 def _kd_loss_backward_fake(grad_loss, student, teacher, labels, stats, temperature, alpha,
-                           divergence, beta, ignore_index, student_requires_grad,
+                           divergence, beta, ignore_index, softcap, student_requires_grad,
                            teacher_requires_grad):
     torch._check(student.shape == teacher.shape,
                  lambda: "kd_loss: student_logits and teacher_logits must have the same shape")
-    grad_s = (torch.empty_like(student, memory_format=torch.contiguous_format)
-              if student_requires_grad else student.new_empty(0))
-    grad_t = (torch.empty_like(teacher, memory_format=torch.contiguous_format)
-              if teacher_requires_grad else teacher.new_empty(0))
-    return grad_s, grad_t
+    return (_empty_or_like(student, student_requires_grad),
+            _empty_or_like(teacher, teacher_requires_grad))
+
+
+@torch.library.register_fake("kdfast::kd_loss_scale_grad_")
+def _kd_loss_scale_grad_fake(grad, scale):
+    return None
+
+
+def _tracing(*tensors: torch.Tensor) -> bool:
+    """True while the op is traced (fake / functional tensors, a dispatch mode, dynamo)
+    rather than run: only then must the backward avoid its in-place scaling."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(type(t) is not torch.Tensor for t in tensors)
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, labels, temperature, alpha, divergence, beta, ignore_index = inputs
-    _, stats = output
-    ctx.mark_non_differentiable(stats)
-    ctx.options = (temperature, alpha, divergence, beta, ignore_index)
+    (student, teacher, labels, temperature, alpha, divergence, beta, ignore_index, softcap,
+     reduction, student_requires_grad, teacher_requires_grad) = inputs
+    loss, stats, grad_s, grad_t = output
+    ctx.mark_non_differentiable(stats, grad_s, grad_t)
+    ctx.options = (temperature, alpha, divergence, beta, ignore_index, softcap)
+    ctx.reduction = reduction
+    # The gradients computed in the forward pass. Held as attributes, not saved tensors:
+    # the backward scales them in place and hands them to autograd, and drops its own
+    # reference first so that autograd can take the buffer without a copy.
+    ctx.kept = (grad_s if student_requires_grad else None,
+                grad_t if teacher_requires_grad else None)
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         ctx.save_for_backward(student, teacher, labels, stats)
 
 
-def _backward(ctx, grad_loss, _grad_stats):
-    student, teacher, labels, stats = ctx.saved_tensors
+def _row_weights(grad_loss: torch.Tensor, labels, rows_shape, ignore_index: int,
+                 reduction: int) -> torch.Tensor:
+    """The gradient reaching each row's loss, for the recomputing backward."""
+    if reduction == _REDUCTION_NONE:
+        return grad_loss
+    if reduction == 0:  # batchmean
+        if labels is None:
+            count = max(math.prod(rows_shape), 1)
+        else:
+            count = (labels != ignore_index).sum().clamp_(min=1).to(grad_loss.dtype)
+        grad_loss = grad_loss / count
+    return grad_loss.expand(rows_shape)
+
+
+def _scaled(kept: torch.Tensor, grad_loss: torch.Tensor, reduction: int,
+            traced: bool) -> torch.Tensor:
+    if not traced:
+        torch.ops.kdfast.kd_loss_scale_grad_(kept, grad_loss)
+        return kept
+    scale = grad_loss.unsqueeze(-1) if reduction == _REDUCTION_NONE else grad_loss
+    return (kept * scale).to(kept.dtype)
+
+
+def _backward(ctx, grad_loss, _grad_stats, _grad_s, _grad_t):
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    kept_s, kept_t = ctx.kept
+    ctx.kept = (None, None)  # a kept gradient serves one backward
+    nones = (None,) * 10
     if grad_loss is None:  # the loss did not reach the output
-        return None, None, None, None, None, None, None, None
+        return (None, None, *nones)
+    if (kept_s is not None or not need_s) and (kept_t is not None or not need_t):
+        traced = _tracing(grad_loss, *(k for k in (kept_s, kept_t) if k is not None))
+        grad_s = _scaled(kept_s, grad_loss, ctx.reduction, traced) if need_s else None
+        grad_t = _scaled(kept_t, grad_loss, ctx.reduction, traced) if need_t else None
+        del kept_s, kept_t
+        return (grad_s, grad_t, *nones)
+    student, teacher, labels, stats = ctx.saved_tensors
+    temperature, alpha, divergence, beta, ignore_index, softcap = ctx.options
+    weights = _row_weights(grad_loss.to(stats.dtype), labels, student.shape[:-1], ignore_index,
+                           ctx.reduction)
     grad_s, grad_t = torch.ops.kdfast.kd_loss_backward(
-        grad_loss.to(stats.dtype), student, teacher, labels, stats, *ctx.options, need_s, need_t)
-    return (grad_s if need_s else None, grad_t if need_t else None,
-            None, None, None, None, None, None)
+        weights, student, teacher, labels, stats, temperature, alpha, divergence, beta,
+        ignore_index, softcap, need_s, need_t)
+    return (grad_s if need_s else None, grad_t if need_t else None, *nones)
 
 
-torch.library.register_autograd("kdfast::kd_loss_forward", _backward,
-                                setup_context=_setup_context)
+torch.library.register_autograd("kdfast::kd_loss_fused", _backward, setup_context=_setup_context)
