@@ -63,7 +63,7 @@ def has_kernel(op_name: str, device_type: str) -> bool:
 
     Example::
 
-        >>> kdfast.has_kernel("kd_loss_forward", "cpu")
+        >>> kdfast.has_kernel("kd_loss_fused", "cpu")
         True
     """
     if _C is None:

@@ -21,8 +21,8 @@ import kdfast  # noqa: E402
 def cuda_skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU available"
-    if not kdfast.has_kernel("kd_loss_forward", "cuda"):
-        return "kdfast was built without CUDA kernels (kdfast::kd_loss_forward has no CUDA kernel)"
+    if not kdfast.has_kernel("kd_loss_fused", "cuda"):
+        return "kdfast was built without CUDA kernels (kdfast::kd_loss_fused has no CUDA kernel)"
     return None
 
 

@@ -41,7 +41,7 @@ CHILD = textwrap.dedent("""
         run_cases(kdfast.kd_loss)  # second time: no second warning
     fallback_warnings = [w for w in caught if "reference" in str(w.message)]
     torch.save(dict(results=results, has_extension=kdfast.has_extension(),
-                    has_kernel=kdfast.has_kernel("kd_loss_forward", "cpu"),
+                    has_kernel=kdfast.has_kernel("kd_loss_fused", "cpu"),
                     n_warnings=len(fallback_warnings),
                     warning=str(fallback_warnings[0].message) if fallback_warnings else ""),
                sys.argv[1])

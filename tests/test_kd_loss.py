@@ -27,7 +27,7 @@ REDUCTIONS = ("batchmean", "sum", "none")
 def test_cpu_kernel_is_built():
     # CPU kernels are always built; without them every test below checks the fallback only.
     assert kdfast.has_extension()
-    assert kdfast.has_kernel("kd_loss_forward", "cpu")
+    assert kdfast.has_kernel("kd_loss_fused", "cpu")
     assert kdfast.has_kernel("kd_loss_backward", "cpu")
     assert not kdfast.has_kernel("kd_loss_no_such_op", "cpu")
 

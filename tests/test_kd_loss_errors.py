@@ -180,7 +180,8 @@ def test_error_leaves_no_state(device):
 def _op_args(device, **over):
     s, t = _inputs(device)
     args = dict(student=s, teacher=t, labels=None, temperature=1.0, alpha=0.0, divergence=0,
-                beta=0.5, ignore_index=-100)
+                beta=0.5, ignore_index=-100, softcap=0.0, reduction=0, student_requires_grad=True,
+                teacher_requires_grad=False)
     args.update(over)
     return args
 
@@ -199,19 +200,33 @@ def _op_args(device, **over):
     (dict(teacher=torch.randn(4, 11)), "student_logits|teacher_logits"),
     (dict(student=torch.ones(4, 10, dtype=torch.int64)), "student_logits"),
     (dict(teacher=torch.ones(4, 10, dtype=torch.int32)), "teacher_logits"),
+    (dict(softcap=-1.0), "softcap"),
+    (dict(softcap=math.inf), "softcap"),
+    (dict(reduction=3), "reduction"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_forward_op_rejects_bad_arguments(needs_extension, over, name):
     args = _op_args("cpu", **over)
-    with pytest.raises(RuntimeError, match=name):
-        torch.ops.kdfast.kd_loss_forward(*args.values())
+    with pytest.raises((RuntimeError, ValueError), match=name):
+        torch.ops.kdfast.kd_loss_fused(*args.values())
 
 
 def test_backward_op_rejects_bad_stats(needs_extension):
     s, t = _inputs("cpu")
-    _loss, stats = torch.ops.kdfast.kd_loss_forward(s, t, None, 1.0, 0.0, 0, 0.5, -100)
+    _loss, stats, _, _ = torch.ops.kdfast.kd_loss_fused(s, t, None, 1.0, 0.0, 0, 0.5, -100, 0.0,
+                                                        2, False, False)
     with pytest.raises(RuntimeError, match="stats"):
         torch.ops.kdfast.kd_loss_backward(torch.ones(4), s, t, None, stats[:2], 1.0, 0.0, 0, 0.5,
-                                          -100, True, False)
+                                          -100, 0.0, True, False)
     with pytest.raises(RuntimeError, match="grad_loss"):
         torch.ops.kdfast.kd_loss_backward(torch.ones(3), s, t, None, stats, 1.0, 0.0, 0, 0.5,
-                                          -100, True, False)
+                                          -100, 0.0, True, False)
+
+
+def test_scale_grad_op_rejects_bad_arguments(needs_extension):
+    grad = torch.zeros(4, 10)
+    with pytest.raises(RuntimeError, match="scale"):
+        torch.ops.kdfast.kd_loss_scale_grad_(grad, torch.ones(3))
+    with pytest.raises(RuntimeError, match="scale"):
+        torch.ops.kdfast.kd_loss_scale_grad_(grad, torch.ones(4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="grad"):
+        torch.ops.kdfast.kd_loss_scale_grad_(torch.zeros(10, 4).t(), torch.ones(4))

@@ -137,7 +137,7 @@ def _build_kdfast(case: Case, inputs: dict) -> Runner:
 
     o = _opts(case)
     note = ""
-    if not kdfast.has_kernel("kd_loss_forward", case.device.split(":")[0]):
+    if not kdfast.has_kernel("kd_loss_fused", case.device.split(":")[0]):
         note = "kdfast ran its plain-PyTorch reference: the compiled kernels are not built for this device"
 
     def fn(s, t, y):
