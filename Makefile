@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 JOBS ?= 2
 
-.PHONY: install demo test bench bench-quick cuda-check lint clean
+.PHONY: install demo test bench bench-quick cuda-check gpu-check lint clean
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.* csrc/cpu/*.* csrc/cuda/*.*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,9 +34,12 @@ bench-quick: install
 cuda-check:  ## compile + link the CUDA kernels against the CUDA build of torch (no GPU needed)
 	bash .ci/cuda_check.sh
 
+gpu-check:  ## on a GPU machine (no network, no .venv): build, ptxas report, CUDA tests, sanitizers, determinism, benchmark
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
 lint: install
 	$(PIP) install --quiet ruff
-	$(VENV)/bin/ruff check kdfast tests benchmarks
+	$(VENV)/bin/ruff check kdfast tests benchmarks scripts .ci/ptxas_report.py
 
 clean:
 	rm -rf build dist *.egg-info kdfast/*.so

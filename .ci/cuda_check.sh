@@ -2,14 +2,17 @@
 # CUDA compile-and-link check; needs the CUDA toolkit (nvcc), not a GPU.
 # Builds kdfast with its CUDA kernels against the registry's CUDA build of torch, in a
 # scratch copy of the sources (the CPU build in the checkout is left alone), imports it,
-# and fails unless every kdfast op has a CUDA kernel registered.
+# and fails unless every kdfast op has a CUDA kernel registered. The build runs with
+# KDFAST_PTXAS_VERBOSE=1 and .ci/ptxas_report.py prints registers, stack and spills of
+# every kernel from its log; a kd_loss kernel that spills registers fails the check.
 #
 # Usage: bash .ci/cuda_check.sh [VENV]
 #   VENV                 virtual environment with the CUDA torch (default .ci-cuda-venv;
 #                        created on first use, about 4.7 GB, reused while its torch has CUDA)
 #   KDFAST_CUDA_ARCHS    architectures to build (default "8.0;9.0")
 #   KDFAST_CUDA_CHECK_DIR  scratch build directory (default .ci-cuda-venv/kdfast-build,
-#                        kept so that a rerun only recompiles changed files)
+#                        kept so that a rerun only recompiles changed C++ files; the .cu
+#                        files are always recompiled, for their ptxas report)
 #   MAX_JOBS             parallel compile jobs (default 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,7 +61,7 @@ print(":".join(dict.fromkeys(dirs)))
 EOF
 )
 export CPATH=${NVIDIA_INCLUDES}${CPATH:+:$CPATH}
-export TORCH_CUDA_ARCH_LIST=$ARCHS KDFAST_CUDA_ARCHS=$ARCHS KDFAST_CUDA=1
+export TORCH_CUDA_ARCH_LIST=$ARCHS KDFAST_CUDA_ARCHS=$ARCHS KDFAST_CUDA=1 KDFAST_PTXAS_VERBOSE=1
 
 # Scratch copy; file times are kept, so ninja recompiles only what changed.
 BUILD=${KDFAST_CUDA_CHECK_DIR:-$VENV/kdfast-build}
@@ -66,6 +69,10 @@ mkdir -p "$BUILD"
 rm -rf "$BUILD/csrc" "$BUILD/kdfast"
 tar -C "$ROOT" --exclude='*.so' --exclude='__pycache__' -cf - csrc kdfast setup.py pyproject.toml \
   | tar -C "$BUILD" -xf -
+# ninja would skip an unchanged .cu file, and its ptxas report with it.
+if [[ -d "$BUILD/build" ]]; then
+  find "$BUILD/build" -path '*/csrc/cuda/*.o' -delete
+fi
 
 echo "== building kdfast with CUDA kernels for $ARCHS in $BUILD (MAX_JOBS=$MAX_JOBS) =="
 build_start=$SECONDS
@@ -75,6 +82,11 @@ build_start=$SECONDS
   exit 1
 }
 echo "built in $((SECONDS - build_start)) s"
+
+echo "== registers, stack and spills per kernel (ptxas -v) =="
+# Run to the end either way; the spill verdict decides the exit status at the end.
+ptxas_status=0
+"$PY" "$ROOT/.ci/ptxas_report.py" "$BUILD/build.log" || ptxas_status=$?
 
 SO=$(ls "$BUILD"/kdfast/_C*.so)
 if [[ -x "$CUDA_HOME/bin/cuobjdump" ]]; then
@@ -118,4 +130,8 @@ print(f"ok: {len(ops)} ops, each with a CUDA kernel")
 EOF
 ) 2> >(grep -v "No CUDA runtime is found" >&2)
 
+if (( ptxas_status != 0 )); then
+  echo "cuda_check: the ptxas report failed (status $ptxas_status, see above)" >&2
+  exit "$ptxas_status"
+fi
 echo "== cuda_check done in $((SECONDS - start)) s =="

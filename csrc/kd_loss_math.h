@@ -13,6 +13,14 @@
 #include <cstdint>
 #include <limits>
 
+// Inlined everywhere: on CUDA a call that is not inlined goes through the ABI and
+// spills registers to local memory.
+#if defined(__CUDACC__)
+#define KDFAST_MATH_FN C10_HOST_DEVICE __forceinline__
+#else
+#define KDFAST_MATH_FN C10_HOST_DEVICE inline
+#endif
+
 namespace kdfast {
 
 enum class Divergence : int64_t { ForwardKL = 0, ReverseKL = 1, JSD = 2 };
@@ -32,7 +40,7 @@ struct RowLayout {
   int64_t stride_outer = 0;
   int64_t stride_inner = 0;
 
-  C10_HOST_DEVICE inline int64_t offset(int64_t row) const {
+  KDFAST_MATH_FN int64_t offset(int64_t row) const {
     // Branch keeps the common 2-D case free of a 64-bit division.
     if (n_inner == 1) return row * stride_outer;
     return (row / n_inner) * stride_outer + (row % n_inner) * stride_inner;
@@ -51,29 +59,29 @@ struct ScalarOps {
   using Scalar = acc_t;
   using V = acc_t;
   using Mask = bool;
-  static C10_HOST_DEVICE inline V exp(V x) { return ::exp(x); }
-  static C10_HOST_DEVICE inline V log(V x) { return ::log(x); }
-  static C10_HOST_DEVICE inline V log1p(V x) { return ::log1p(x); }
-  static C10_HOST_DEVICE inline V tanh(V x) { return ::tanh(x); }
-  static C10_HOST_DEVICE inline V max(V a, V b) { return a > b ? a : b; }
-  static C10_HOST_DEVICE inline V min(V a, V b) { return a < b ? a : b; }
-  static C10_HOST_DEVICE inline Mask gt(V a, V b) { return a > b; }
-  static C10_HOST_DEVICE inline Mask lt(V a, V b) { return a < b; }
-  static C10_HOST_DEVICE inline Mask eq(V a, V b) { return a == b; }
-  static C10_HOST_DEVICE inline V select(Mask m, V a, V b) { return m ? a : b; }
-  static C10_HOST_DEVICE inline bool any(Mask m) { return m; }
+  static KDFAST_MATH_FN V exp(V x) { return ::exp(x); }
+  static KDFAST_MATH_FN V log(V x) { return ::log(x); }
+  static KDFAST_MATH_FN V log1p(V x) { return ::log1p(x); }
+  static KDFAST_MATH_FN V tanh(V x) { return ::tanh(x); }
+  static KDFAST_MATH_FN V max(V a, V b) { return a > b ? a : b; }
+  static KDFAST_MATH_FN V min(V a, V b) { return a < b ? a : b; }
+  static KDFAST_MATH_FN Mask gt(V a, V b) { return a > b; }
+  static KDFAST_MATH_FN Mask lt(V a, V b) { return a < b; }
+  static KDFAST_MATH_FN Mask eq(V a, V b) { return a == b; }
+  static KDFAST_MATH_FN V select(Mask m, V a, V b) { return m ? a : b; }
+  static KDFAST_MATH_FN bool any(Mask m) { return m; }
 };
 template <>
-C10_HOST_DEVICE inline float ScalarOps<float>::exp(float x) { return ::expf(x); }
+KDFAST_MATH_FN float ScalarOps<float>::exp(float x) { return ::expf(x); }
 template <>
-C10_HOST_DEVICE inline float ScalarOps<float>::log(float x) { return ::logf(x); }
+KDFAST_MATH_FN float ScalarOps<float>::log(float x) { return ::logf(x); }
 template <>
-C10_HOST_DEVICE inline float ScalarOps<float>::log1p(float x) { return ::log1pf(x); }
+KDFAST_MATH_FN float ScalarOps<float>::log1p(float x) { return ::log1pf(x); }
 template <>
-C10_HOST_DEVICE inline float ScalarOps<float>::tanh(float x) { return ::tanhf(x); }
+KDFAST_MATH_FN float ScalarOps<float>::tanh(float x) { return ::tanhf(x); }
 
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t neg_inf() {
+KDFAST_MATH_FN acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
@@ -83,7 +91,7 @@ C10_HOST_DEVICE inline acc_t neg_inf() {
 // w * (a - b), or 0 where the weight w is 0: a zero-probability term contributes
 // nothing even when its log difference is -inf - (-inf) = NaN (masked vocabulary).
 template <class Ops>
-C10_HOST_DEVICE inline typename Ops::V weighted_diff(const typename Ops::V& w, const typename Ops::V& a,
+KDFAST_MATH_FN typename Ops::V weighted_diff(const typename Ops::V& w, const typename Ops::V& a,
                                                      const typename Ops::V& b) {
   using V = typename Ops::V;
   return Ops::select(Ops::gt(w, V(0)), w * (a - b), V(0));
@@ -92,7 +100,7 @@ C10_HOST_DEVICE inline typename Ops::V weighted_diff(const typename Ops::V& w, c
 // Gemma-style soft-capping, cap * tanh(x / cap), applied to raw logits before the
 // temperature. -inf (masked vocabulary) stays -inf.
 template <class Ops>
-C10_HOST_DEVICE inline typename Ops::V softcap(const typename Ops::V& x, const typename Ops::V& cap,
+KDFAST_MATH_FN typename Ops::V softcap(const typename Ops::V& x, const typename Ops::V& cap,
                                                const typename Ops::V& inv_cap) {
   using V = typename Ops::V;
   return Ops::select(Ops::eq(x, V(neg_inf<typename Ops::Scalar>())), x, cap * Ops::tanh(x * inv_cap));
@@ -101,7 +109,7 @@ C10_HOST_DEVICE inline typename Ops::V softcap(const typename Ops::V& x, const t
 // d softcap(x) / dx from the capped value: 1 - tanh(x / cap)^2; 1 on masked entries
 // (they pass the gradient through unchanged, as without a cap).
 template <class Ops>
-C10_HOST_DEVICE inline typename Ops::V softcap_slope(const typename Ops::V& capped,
+KDFAST_MATH_FN typename Ops::V softcap_slope(const typename Ops::V& capped,
                                                      const typename Ops::V& inv_cap) {
   using V = typename Ops::V;
   const V u = capped * inv_cap;
@@ -115,7 +123,7 @@ struct Mixture {
 };
 
 template <typename acc_t>
-C10_HOST_DEVICE inline Mixture<acc_t> make_mixture(acc_t beta) {
+KDFAST_MATH_FN Mixture<acc_t> make_mixture(acc_t beta) {
   // Below `tiny` a product beta * p may have flushed to zero (or lost bits as a
   // denormal) while p itself has not: log m is then taken in log space.
   constexpr acc_t tiny = std::numeric_limits<acc_t>::min() / std::numeric_limits<acc_t>::epsilon();
@@ -126,7 +134,7 @@ C10_HOST_DEVICE inline Mixture<acc_t> make_mixture(acc_t beta) {
 // normal it is logaddexp(log p + log beta, log q + log(1 - beta)), which stays finite
 // while either probability is non-zero in log space (e.g. p = 1e-38, q = 0).
 template <class Ops>
-C10_HOST_DEVICE inline typename Ops::V log_mixture(const typename Ops::V& log_p, const typename Ops::V& log_q,
+KDFAST_MATH_FN typename Ops::V log_mixture(const typename Ops::V& log_p, const typename Ops::V& log_q,
                                                    const typename Ops::V& p, const typename Ops::V& q,
                                                    const Mixture<typename Ops::V>& k) {
   using V = typename Ops::V;
@@ -153,7 +161,7 @@ struct GradConsts {
 // Divergence part of d loss / d s_j and d loss / d t_j for one element (or vector),
 // from log-probabilities and probabilities at temperature T.
 template <Divergence div, class Ops>
-C10_HOST_DEVICE inline void divergence_grads(const typename Ops::V& log_q, const typename Ops::V& log_p,
+KDFAST_MATH_FN void divergence_grads(const typename Ops::V& log_q, const typename Ops::V& log_p,
                                              const typename Ops::V& q, const typename Ops::V& p,
                                              const GradConsts<typename Ops::V>& k,
                                              const Mixture<typename Ops::V>& mix, typename Ops::V& gs,
@@ -173,7 +181,7 @@ C10_HOST_DEVICE inline void divergence_grads(const typename Ops::V& log_q, const
 
 // The terms of KL(p||m) and KL(q||m) of one element (or vector), JSD's loss.
 template <class Ops>
-C10_HOST_DEVICE inline void jsd_terms(const typename Ops::V& log_q, const typename Ops::V& log_p,
+KDFAST_MATH_FN void jsd_terms(const typename Ops::V& log_q, const typename Ops::V& log_p,
                                       const typename Ops::V& q, const typename Ops::V& p,
                                       const Mixture<typename Ops::V>& mix, typename Ops::V& kl_pm,
                                       typename Ops::V& kl_qm) {
@@ -194,13 +202,13 @@ struct RowSums {
 };
 
 template <typename acc_t>
-C10_HOST_DEVICE inline RowSums<acc_t> empty_sums() {
+KDFAST_MATH_FN RowSums<acc_t> empty_sums() {
   return {neg_inf<acc_t>(), neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
 }
 
 // Moves the sums to larger maxima exactly: sums scale by exp(-delta), w also shifts.
 template <Divergence div, typename acc_t>
-C10_HOST_DEVICE inline void rescale(RowSums<acc_t>& st, acc_t new_max_s, acc_t new_max_t, acc_t inv_temp,
+KDFAST_MATH_FN void rescale(RowSums<acc_t>& st, acc_t new_max_s, acc_t new_max_t, acc_t inv_temp,
                                     bool with_s1) {
   using Ops = ScalarOps<acc_t>;
   if (new_max_t != st.max_t) {
@@ -228,7 +236,7 @@ C10_HOST_DEVICE inline void rescale(RowSums<acc_t>& st, acc_t new_max_s, acc_t n
 
 // Combines the sums of two parts of a row (split rows, block reductions).
 template <Divergence div, typename acc_t>
-C10_HOST_DEVICE inline RowSums<acc_t> merge_sums(RowSums<acc_t> a, RowSums<acc_t> b, acc_t inv_temp,
+KDFAST_MATH_FN RowSums<acc_t> merge_sums(RowSums<acc_t> a, RowSums<acc_t> b, acc_t inv_temp,
                                                  bool with_s1) {
   using Ops = ScalarOps<acc_t>;
   // NaN maxima propagate, so a NaN anywhere makes the merged row undefined.
@@ -250,7 +258,7 @@ struct RowConsts {
 };
 
 template <typename acc_t>
-C10_HOST_DEVICE inline RowConsts<acc_t> make_row_consts(double temperature, double alpha, double beta,
+KDFAST_MATH_FN RowConsts<acc_t> make_row_consts(double temperature, double alpha, double beta,
                                                         double softcap) {
   RowConsts<acc_t> k;
   k.temp = static_cast<acc_t>(temperature);
@@ -268,7 +276,7 @@ C10_HOST_DEVICE inline RowConsts<acc_t> make_row_consts(double temperature, doub
 // A row holding NaN (or +inf without a cap), or whose side is masked entirely, has no
 // softmax: its loss, stats and gradient are NaN.
 template <typename acc_t>
-C10_HOST_DEVICE inline bool row_defined(acc_t max_s, acc_t max_t) {
+KDFAST_MATH_FN bool row_defined(acc_t max_s, acc_t max_t) {
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   return max_s > -inf && max_s < inf && max_t > -inf && max_t < inf;
 }
@@ -281,7 +289,7 @@ struct RowStats {
 // Normalisers and (forward / reverse KL) divergence of a defined row; JSD's aux terms
 // come from its second pass (set_jsd).
 template <Divergence div, typename acc_t>
-C10_HOST_DEVICE inline RowStats<acc_t> row_stats(const RowSums<acc_t>& st, const RowConsts<acc_t>& k) {
+KDFAST_MATH_FN RowStats<acc_t> row_stats(const RowSums<acc_t>& st, const RowConsts<acc_t>& k) {
   using Ops = ScalarOps<acc_t>;
   RowStats<acc_t> r{st.max_s, st.max_t, Ops::log(st.z_s), Ops::log(st.z_t), acc_t(0), acc_t(0), acc_t(0)};
   if (k.with_ce) r.log_z_s1 = k.with_s1 ? Ops::log(st.z_s1) : r.log_z_s;
@@ -291,14 +299,14 @@ C10_HOST_DEVICE inline RowStats<acc_t> row_stats(const RowSums<acc_t>& st, const
 }
 
 template <typename acc_t>
-C10_HOST_DEVICE inline void set_jsd(RowStats<acc_t>& r, acc_t kl_pm, acc_t kl_qm) {
+KDFAST_MATH_FN void set_jsd(RowStats<acc_t>& r, acc_t kl_pm, acc_t kl_qm) {
   r.aux_t = kl_pm;
   r.aux_s = kl_qm;
 }
 
 // D of the row from its stats.
 template <Divergence div, typename acc_t>
-C10_HOST_DEVICE inline acc_t row_divergence(const RowStats<acc_t>& r, const RowConsts<acc_t>& k) {
+KDFAST_MATH_FN acc_t row_divergence(const RowStats<acc_t>& r, const RowConsts<acc_t>& k) {
   if constexpr (div == Divergence::ForwardKL) return r.aux_t;
   if constexpr (div == Divergence::ReverseKL) return r.aux_s;
   return k.beta * r.aux_t + (acc_t(1) - k.beta) * r.aux_s;
@@ -308,14 +316,14 @@ C10_HOST_DEVICE inline acc_t row_divergence(const RowStats<acc_t>& r, const RowC
 // label. (max_s - s_label) first: exact for nearby values, so logits of +-1e4 lose
 // no precision to the normaliser.
 template <Divergence div, typename acc_t>
-C10_HOST_DEVICE inline acc_t row_loss(const RowStats<acc_t>& r, const RowConsts<acc_t>& k, acc_t s_label) {
+KDFAST_MATH_FN acc_t row_loss(const RowStats<acc_t>& r, const RowConsts<acc_t>& k, acc_t s_label) {
   acc_t loss = (acc_t(1) - k.alpha) * k.temp * k.temp * row_divergence<div>(r, k);
   if (k.with_ce) loss += k.alpha * ((r.max_s - s_label) + r.log_z_s1);
   return loss;
 }
 
 template <typename acc_t>
-C10_HOST_DEVICE inline void store_stats(const RowStats<acc_t>& r, acc_t* out) {
+KDFAST_MATH_FN void store_stats(const RowStats<acc_t>& r, acc_t* out) {
   out[kMaxS] = r.max_s;
   out[kMaxT] = r.max_t;
   out[kLogZS] = r.log_z_s;
@@ -326,18 +334,18 @@ C10_HOST_DEVICE inline void store_stats(const RowStats<acc_t>& r, acc_t* out) {
 }
 
 template <typename acc_t>
-C10_HOST_DEVICE inline RowStats<acc_t> load_stats(const acc_t* in) {
+KDFAST_MATH_FN RowStats<acc_t> load_stats(const acc_t* in) {
   return {in[kMaxS], in[kMaxT], in[kLogZS], in[kLogZT], in[kLogZS1], in[kAuxS], in[kAuxT]};
 }
 
 template <typename acc_t>
-C10_HOST_DEVICE inline void fill_stats(acc_t* out, acc_t value) {
+KDFAST_MATH_FN void fill_stats(acc_t* out, acc_t value) {
   for (int64_t c = 0; c < kStatsCols; ++c) out[c] = value;
 }
 
 // Gradient constants of a counted row whose loss receives the gradient `weight`.
 template <typename acc_t>
-C10_HOST_DEVICE inline GradConsts<acc_t> grad_consts(const RowStats<acc_t>& r, const RowConsts<acc_t>& k,
+KDFAST_MATH_FN GradConsts<acc_t> grad_consts(const RowStats<acc_t>& r, const RowConsts<acc_t>& k,
                                                      acc_t weight) {
   return {(acc_t(1) - k.alpha) * k.temp * weight, r.aux_s, r.aux_t};
 }

@@ -209,12 +209,19 @@ struct RowKernel {
   }
 
   // Pass 2: sums of one row (maxima known and finite); keeps the exponentials in sc.
-  math::RowSums<acc_t> sums(const s_t* s, const t_t* t, acc_t max_s, acc_t max_t, Scratch<acc_t>* sc) const {
+  // This pass is bound by exp, so it also prefetches the next row (next_s / next_t, or
+  // nullptr) into L2: the next row's max pass then overlaps no memory latency.
+  math::RowSums<acc_t> sums(const s_t* s, const t_t* t, acc_t max_s, acc_t max_t, Scratch<acc_t>* sc,
+                            const s_t* next_s, const t_t* next_t) const {
     const Vec vmax_s(max_s), vmax_t(max_t);
     Vec z_s(acc_t(0)), z_t(acc_t(0)), z_s1(acc_t(0)), w(acc_t(0));
     const int64_t vocab = p.vocab;
     for (int64_t j = 0; j < vocab; j += W) {
       const int64_t n = std::min(W, vocab - j);
+      if (next_s != nullptr) {
+        __builtin_prefetch(next_s + j, 0, 2);
+        __builtin_prefetch(next_t + j, 0, 2);
+      }
       const Vec sv = load_s(s + j, n), tv = load_t(t + j, n);
       // (s - max) is exact near the maximum, so the largest term is exactly exp(0) = 1.
       const Vec xs = (sv - vmax_s) * vinv_temp, xt = (tv - vmax_t) * vinv_temp;
@@ -358,7 +365,10 @@ struct RowKernel {
         fill_row(row, kNaN);
         continue;
       }
-      const math::RowSums<acc_t> st = sums(s, t, max_s, max_t, scratch.get());
+      const bool has_next = row + 1 < end;
+      const math::RowSums<acc_t> st = sums(s, t, max_s, max_t, scratch.get(),
+                                           has_next ? student_row(row + 1) : nullptr,
+                                           has_next ? teacher_row(row + 1) : nullptr);
       math::RowStats<acc_t> r = math::row_stats<div>(st, k);
       if constexpr (div == Divergence::JSD) jsd(s, t, r, st, scratch.get());
       const acc_t s_label = k.with_ce ? cap_scalar(static_cast<acc_t>(s[label])) : acc_t(0);

@@ -1,8 +1,9 @@
 """Benchmark of ``kdfast.kd_loss`` against eager PyTorch, ``torch.compile`` and Liger-Kernel.
 
 Cases: classification (N=256, V=1000) and LLM shapes (N=4096, V=32000; on GPU also
-N=8192, V=128256; a tiny N=64, V=512 with ``--quick`` or ``--shapes tiny``), float32 and bfloat16, forward and forward + backward, at
-temperature 2 with pure soft-target KD (``alpha=0``) unless told otherwise.
+N=8192, V=128256; a tiny N=64, V=512 with ``--quick`` or ``--shapes tiny``), float32
+and bfloat16, forward and forward + backward, at temperature 2 with pure soft-target KD
+(``alpha=0``) unless told otherwise.
 
 Providers:
 
@@ -337,8 +338,9 @@ def check_targets(rows: Sequence[harness.Row], device: str) -> list:
                            ".3f", TARGET_EXTRA_OVER_GRAD, False))
     for shape in SMALL_TARGET_SHAPES:
         n, v, _ = ALL_SHAPES[shape]
-        for ratio, baseline, goal in (("speedup_vs_compile", "torch.compile", TARGET_SMALL_SPEEDUP_VS_COMPILE),
-                                      ("speedup_vs_eager", "eager", TARGET_SMALL_SPEEDUP_VS_EAGER)):
+        for ratio, baseline, goal in (
+                ("speedup_vs_compile", "torch.compile", TARGET_SMALL_SPEEDUP_VS_COMPILE),
+                ("speedup_vs_eager", "eager", TARGET_SMALL_SPEEDUP_VS_EAGER)):
             worst = _worst_small_shape(rows, shape, ratio)
             where = f" (worst: {worst.dtype} {worst.mode})" if worst else ""
             targets.append(_target(f"{shape} {n}x{v}, every dtype and mode{where}: speed-up vs {baseline}",
