@@ -10,6 +10,17 @@ from kdfast._args import DIVERGENCES, REDUCTIONS, check_options, check_tensors
 __all__ = ["DIVERGENCES", "REDUCTIONS", "kd_loss"]
 
 
+def _gradient_in_forward(x: torch.Tensor) -> bool:
+    """Whether the forward pass computes (and keeps) the gradient of ``x``.
+
+    Yes when autograd will need it, except for float16: a float16 gradient kept at
+    scale 1 loses its small entries to underflow before the backward multiplies in the
+    loss scale (``torch.amp.GradScaler``), so float16 gradients are recomputed in the
+    backward, where the scale is known (one more read of the inputs).
+    """
+    return torch.is_grad_enabled() and x.requires_grad and x.dtype != torch.float16
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             labels: torch.Tensor | None = None, *, temperature: float = 1.0,
             alpha: float = 0.0, divergence: str = "forward_kl", beta: float = 0.5,
@@ -31,7 +42,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     When autograd will need a gradient (grad mode on and an input requires grad), the
     gradient is computed in the same pass over the logits as the loss and kept until
     the backward, which only scales it by the incoming gradient (in place, skipping the
-    work when that is 1): each input is read once, the gradient written once. Memory
+    work when that is 1): each input is read once, the gradient written once. float16
+    gradients are the exception: they are computed in the backward, where a loss scale
+    (``torch.amp.GradScaler``) is known, since kept at scale 1 they would underflow. Memory
     kept between forward and backward: the gradient (like the input it belongs to) and
     ``O(rows)`` statistics; the inputs themselves are saved too, for a repeated
     backward (``retain_graph=True``), which recomputes the gradient from them. Without
@@ -73,12 +86,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                              softcap)
     labels = check_tensors(student_logits, teacher_logits, labels, alpha)
     if _extension.has_kernel_cached("kd_loss_fused", student_logits.device.type):
-        grad_mode = torch.is_grad_enabled()
         loss, _, _, _ = torch.ops.kdfast.kd_loss_fused(
             student_logits, teacher_logits, labels, float(temperature), float(alpha), div_code,
             float(beta), ignore_index, 0.0 if softcap is None else float(softcap),
-            REDUCTIONS.index(reduction), grad_mode and student_logits.requires_grad,
-            grad_mode and teacher_logits.requires_grad)
+            REDUCTIONS.index(reduction), _gradient_in_forward(student_logits),
+            _gradient_in_forward(teacher_logits))
         return loss
     _extension.warn_fallback(student_logits.device.type)
     return reference.kd_loss(student_logits, teacher_logits, labels, temperature=temperature,

@@ -7,6 +7,10 @@ hide. Gradients come from ``torch.autograd`` on this function.
 Zero-weight terms (``p_j == 0`` or ``q_j == 0``, i.e. ``-inf`` logits) contribute 0 and
 pass no NaN gradient: every log that may be ``-inf`` is replaced before it reaches an
 op whose backward would turn ``0 * inf`` into NaN.
+
+``softcap=c`` (Gemma-style logit soft-capping) replaces every logit ``x`` of both rows
+by ``c * tanh(x / c)`` before the temperature; ``-inf`` stays ``-inf``; the hard-label
+cross-entropy uses the capped student logits too.
 """
 
 from __future__ import annotations
@@ -16,6 +20,19 @@ import math
 import torch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def soft_cap(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(x / softcap)`` with ``-inf`` kept (``None``: ``x`` unchanged).
+
+    The ``-inf`` entries take a constant branch, so no gradient (and no NaN) flows
+    through them; elsewhere the gradient is ``1 - tanh(x / softcap)**2`` from autograd.
+    """
+    if softcap is None:
+        return x
+    masked = x == -math.inf
+    capped = softcap * torch.tanh(torch.where(masked, 0.0, x) / softcap)
+    return torch.where(masked, -math.inf, capped)
 
 
 def _weighted_log_ratio(w: torch.Tensor, log_w: torch.Tensor, log_v: torch.Tensor) -> torch.Tensor:
@@ -53,7 +70,7 @@ def divergence_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, diverg
 def ref_kd_loss_rows(student: torch.Tensor, teacher: torch.Tensor,
                      labels: torch.Tensor | None = None, *, temperature: float = 1.0,
                      alpha: float = 0.0, divergence: str = "forward_kl", beta: float = 0.5,
-                     ignore_index: int = -100) -> torch.Tensor:
+                     ignore_index: int = -100, softcap: float | None = None) -> torch.Tensor:
     """Per-row loss ``[...]`` in float64; ignored rows are exactly 0 (and pass no gradient)."""
     vocab = student.shape[-1]
     s = student.to(torch.float64).reshape(-1, vocab)
@@ -66,6 +83,7 @@ def ref_kd_loss_rows(student: torch.Tensor, teacher: torch.Tensor,
     # Ignored rows may hold anything (NaN included): replace them before any math.
     s = torch.where(counted[:, None], s, 0.0)
     t = torch.where(counted[:, None], t, 0.0)
+    s, t = soft_cap(s, softcap), soft_cap(t, softcap)
     rows = (1.0 - alpha) * temperature**2 * divergence_rows(s, t, temperature, divergence, beta)
     if alpha > 0:
         assert labels is not None
@@ -78,11 +96,12 @@ def ref_kd_loss_rows(student: torch.Tensor, teacher: torch.Tensor,
 
 def ref_kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None,
                 *, temperature: float = 1.0, alpha: float = 0.0, divergence: str = "forward_kl",
-                beta: float = 0.5, ignore_index: int = -100,
-                reduction: str = "batchmean") -> torch.Tensor:
+                beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean",
+                softcap: float | None = None) -> torch.Tensor:
     """float64 ``kd_loss``: same arguments and reductions as the public API."""
     rows = ref_kd_loss_rows(student, teacher, labels, temperature=temperature, alpha=alpha,
-                            divergence=divergence, beta=beta, ignore_index=ignore_index)
+                            divergence=divergence, beta=beta, ignore_index=ignore_index,
+                            softcap=softcap)
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -122,13 +141,19 @@ def ref_loss_and_grads(student: torch.Tensor, teacher: torch.Tensor,
 def eager_kd_loss(student: torch.Tensor, teacher: torch.Tensor,
                   labels: torch.Tensor | None = None, *, temperature: float = 1.0,
                   alpha: float = 0.0, divergence: str = "forward_kl", beta: float = 0.5,
-                  ignore_index: int = -100, reduction: str = "batchmean") -> torch.Tensor:
+                  ignore_index: int = -100, reduction: str = "batchmean",
+                  softcap: float | None = None) -> torch.Tensor:
     """The same loss computed the way eager PyTorch users do, in the inputs' own dtypes.
 
     Each log-softmax runs in its input's dtype and the divergence in the promoted
     dtype of the two, so its error against :func:`ref_kd_loss` is the yardstick of
-    the tolerance rule in STYLE.md for low-precision inputs.
+    the tolerance rule in STYLE.md for low-precision inputs. ``softcap`` is applied
+    in the inputs' dtypes too, as ``softcap * tanh(x / softcap)`` on the finite logits.
     """
+    if softcap is not None:
+        student, teacher = (
+            torch.where(x == -math.inf, x, softcap * torch.tanh(x / softcap))
+            for x in (student, teacher))
     # A masked (-inf) entry becomes the usual "very negative" finite fill, so that
     # p_j = 0 without 0 * (-inf) = NaN; finite even after dividing by temperature < 1.
     student, teacher = (

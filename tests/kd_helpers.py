@@ -95,7 +95,8 @@ def check_against_reference(student, teacher, labels=None, *, grad_output=None,
     tolerance on the loss and one rounding to the gradient's dtype (all math is float32),
     and the STYLE.md rule (error <= 2x, gradients 3x, eager PyTorch's error in the
     inputs' dtypes). ``eager_rule=True``: only the STYLE.md rule, for ill-conditioned
-    cases where float32 itself is the limit."""
+    cases where float32 itself is the limit. ``options`` are kd_loss's keyword arguments
+    (``softcap`` included) and go to the kernel, the reference and the eager yardstick alike."""
     loss, gs, gt = kernel_loss_and_grads(student, teacher, labels, grad_output=grad_output,
                                          teacher_grad=teacher_grad, fn=fn, **options)
     go_ref = None if grad_output is None else grad_output.detach().to(torch.float64)

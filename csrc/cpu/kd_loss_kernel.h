@@ -91,10 +91,49 @@ inline acc_t hmax(const Vectorized<acc_t>& v) {
       [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
 }
 
-// The vector policy of kd_loss_math.h. exp is at::vec's polynomial exp_u20 (<= 20 ulp,
-// about 1.2e-6 relative, 0 for -inf) in float and Sleef's 1-ulp exp in double, where the
-// kernels serve gradcheck. exp_u20 clamps NaN to a finite value, so rows holding NaN
-// never reach it: the max pass flags them and they are made NaN as a whole.
+// exp of float lanes that are <= 0 or -inf, which is every exp the kernels take
+// (logits minus their row maximum, log-probabilities, log-ratios of a mixture): the
+// hot loops are bound by it. Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a
+// degree-6 polynomial (about 2e-7 relative, close to 1 ulp), and the 2^n scaling
+// that turns everything below about -88 (-inf included) into exactly 0. NaN lanes give
+// a finite value; rows holding NaN never reach here (the max pass flags them).
+inline Vectorized<float> exp_nonpositive(const Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = _mm512_max_ps(v, _mm512_set1_ps(-104.0f));  // 2^-150 scaling rounds to 0
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = _mm256_max_ps(v, _mm256_set1_ps(-88.0f));  // n <= -127 makes 2^n exactly 0
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#else
+  return v.exp_u20();  // portable build: at::vec's polynomial (<= 20 ulp, 0 for -inf)
+#endif
+}
+
+// The vector policy of kd_loss_math.h: exp_nonpositive in float, Sleef's 1-ulp exp in
+// double, where the kernels serve gradcheck.
 template <typename acc_t>
 struct VecOps {
   using Scalar = acc_t;
@@ -102,7 +141,7 @@ struct VecOps {
   using Mask = V;  // comparison results: all bits set or none, per lane
   static V exp(const V& x) {
     if constexpr (std::is_same_v<acc_t, float>) {
-      return x.exp_u20();
+      return exp_nonpositive(x);
     } else {
       return x.exp();
     }
@@ -214,10 +253,10 @@ struct RowKernel {
   math::RowSums<acc_t> sums(const s_t* s, const t_t* t, acc_t max_s, acc_t max_t, Scratch<acc_t>* sc,
                             const s_t* next_s, const t_t* next_t) const {
     const Vec vmax_s(max_s), vmax_t(max_t);
-    Vec z_s(acc_t(0)), z_t(acc_t(0)), z_s1(acc_t(0)), w(acc_t(0));
-    const int64_t vocab = p.vocab;
-    for (int64_t j = 0; j < vocab; j += W) {
-      const int64_t n = std::min(W, vocab - j);
+    struct Acc {
+      Vec z_s{acc_t(0)}, z_t{acc_t(0)}, z_s1{acc_t(0)}, w{acc_t(0)};
+    };
+    auto step = [&](int64_t j, int64_t n, Acc& a) {
       if (next_s != nullptr) {
         __builtin_prefetch(next_s + j, 0, 2);
         __builtin_prefetch(next_t + j, 0, 2);
@@ -226,21 +265,31 @@ struct RowKernel {
       // (s - max) is exact near the maximum, so the largest term is exactly exp(0) = 1.
       const Vec xs = (sv - vmax_s) * vinv_temp, xt = (tv - vmax_t) * vinv_temp;
       const Vec es = Ops::exp(xs), et = Ops::exp(xt);
-      z_s = z_s + es;
-      z_t = z_t + et;
-      if constexpr (div == Divergence::ForwardKL) w = w + math::weighted_diff<Ops>(et, xt, xs);
-      if constexpr (div == Divergence::ReverseKL) w = w + math::weighted_diff<Ops>(es, xs, xt);
+      a.z_s = a.z_s + es;
+      a.z_t = a.z_t + et;
+      if constexpr (div == Divergence::ForwardKL) a.w = a.w + math::weighted_diff<Ops>(et, xt, xs);
+      if constexpr (div == Divergence::ReverseKL) a.w = a.w + math::weighted_diff<Ops>(es, xs, xt);
       if (sc != nullptr) {
         es.store(sc->e_s + j);
         et.store(sc->e_t + j);
       }
       if (k.with_s1) {
         const Vec es1 = Ops::exp(sv - vmax_s);
-        z_s1 = z_s1 + es1;
+        a.z_s1 = a.z_s1 + es1;
         if (sc != nullptr) es1.store(sc->e_s1 + j);
       }
+    };
+    // Two independent vectors per iteration: each is a long chain of dependent
+    // operations (the exp), and interleaving two keeps the FP units busy.
+    Acc a, b;
+    const int64_t vocab = p.vocab;
+    int64_t j = 0;
+    for (; j + 2 * W <= vocab; j += 2 * W) {
+      step(j, W, a);
+      step(j + W, W, b);
     }
-    return {max_s, max_t, hsum(z_s), hsum(z_t), hsum(z_s1), hsum(w)};
+    for (; j < vocab; j += W) step(j, std::min(W, vocab - j), a);
+    return {max_s, max_t, hsum(a.z_s + b.z_s), hsum(a.z_t + b.z_t), hsum(a.z_s1 + b.z_s1), hsum(a.w + b.w)};
   }
 
   // Pass 3 (JSD): KL(p||m) and KL(q||m) of one row.
@@ -274,9 +323,7 @@ struct RowKernel {
     // Forward KL's student gradient c (q - p) needs no logits when the exponentials are kept.
     constexpr bool kLogits = kCap || kTeacher || div != Divergence::ForwardKL;
     const bool read_logits = kLogits || sc == nullptr;
-    const int64_t vocab = p.vocab;
-    for (int64_t j = 0; j < vocab; j += W) {
-      const int64_t n = std::min(W, vocab - j);
+    auto step = [&](int64_t j, int64_t n) {
       Vec sv = zero, tv = zero, log_q = zero, log_p = zero, q, pr;
       if (read_logits) {
         sv = load_s(s + j, n);
@@ -313,7 +360,14 @@ struct RowKernel {
         if constexpr (kCap) gt = gt * math::softcap_slope<Ops>(tv, vinv_cap);
         VecIO<t_t, acc_t>::store(gt, gt_row + j, n);
       }
+    };
+    const int64_t vocab = p.vocab;
+    int64_t j = 0;
+    for (; j + 2 * W <= vocab; j += 2 * W) {  // two independent vectors in flight, as in sums()
+      step(j, W);
+      step(j + W, W);
     }
+    for (; j < vocab; j += W) step(j, std::min(W, vocab - j));
   }
 
   template <typename F>

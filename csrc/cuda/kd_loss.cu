@@ -22,12 +22,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cuda_pipeline.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cassert>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -419,7 +422,7 @@ struct KlSum {
 // (JSD: second pass in the same block). splits > 1: block y streams the y-th part of the
 // row's groups and writes its partial sums to partial[row, y].
 template <Divergence div, bool kCap, typename s_t, typename t_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxForwardThreads)
+__global__ void __launch_bounds__(kMaxForwardThreads, 1)
     kd_loss_forward_kernel(const KdLossParams p, const int splits, acc_t* __restrict__ partial) {
   constexpr int VEC = group_width<s_t, t_t>();
   __shared__ RowSums<acc_t> smem_sums[kMaxWarps];
@@ -461,7 +464,7 @@ __global__ void __launch_bounds__(kMaxForwardThreads)
 // Split JSD, second pass: block (row, y) merges the row's partial sums, then sums
 // KL(p||m) and KL(q||m) over the y-th part of the row into partial_kl[row, y].
 template <bool kCap, typename s_t, typename t_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxForwardThreads)
+__global__ void __launch_bounds__(kMaxForwardThreads, 1)
     kd_loss_jsd_split_kernel(const KdLossParams p, const int splits, const acc_t* __restrict__ partial,
                              acc_t* __restrict__ partial_kl) {
   constexpr int VEC = group_width<s_t, t_t>();
@@ -609,7 +612,7 @@ KDFAST_HD void gradient_groups(const KdLossParams& p, int64_t row, const RowCons
 
 // grid (rows, column chunks of groups_per_chunk groups).
 template <Divergence div, bool kCap, typename s_t, typename t_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxBackwardThreads)
+__global__ void __launch_bounds__(kMaxBackwardThreads, 1)
     kd_loss_gradient_kernel(const KdLossParams p, const int64_t groups_per_chunk) {
   constexpr int VEC = group_width<s_t, t_t>();
   const RowConsts<acc_t> k = math::make_row_consts<acc_t>(p.temperature, p.alpha, p.beta, p.softcap);
@@ -631,7 +634,7 @@ __global__ void __launch_bounds__(kMaxBackwardThreads)
 // grad[row, :] *= scale[row * stride]; a block whose row scale is exactly 1 returns
 // at once, so the backward of the common loss.backward() moves no data.
 template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kMaxBackwardThreads)
+__global__ void __launch_bounds__(kMaxBackwardThreads, 1)
     kd_loss_scale_grad_kernel(T* __restrict__ grad, const acc_t* __restrict__ scale, const int64_t stride,
                               const int64_t rows, const int64_t vocab) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -642,6 +645,182 @@ __global__ void __launch_bounds__(kMaxBackwardThreads)
          j += int64_t(gridDim.y) * blockDim.x) {
       g[j] = static_cast<T>(static_cast<acc_t>(g[j]) * w);
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// One pass over HBM for the fused call when a row fits in shared memory: the block
+// copies the row of each input into shared memory once (asynchronous 16-byte copies,
+// each input on its own alignment), takes the maxima, sums, JSD terms and the
+// gradient from there, and writes the gradient with the gradient's own alignment. The
+// exponentials are recomputed from shared memory for the gradient, which costs no
+// memory traffic (the kernel is bandwidth-bound).
+
+// Copies row[0, n) into shared memory at dst_base + (row's offset within 16 bytes), so
+// that the copy has the alignment of the source and 16-byte chunks map to 16-byte
+// chunks; returns where element 0 landed. Every thread of the block takes part.
+template <typename T>
+__device__ __forceinline__ const T* stage_row(const T* __restrict__ row, int64_t n, T* dst_base) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+  const int head = static_cast<int>((reinterpret_cast<uintptr_t>(row) & 15u) / sizeof(T));
+  T* dst = dst_base + head;
+  const int64_t first = std::min<int64_t>(n, (kPer - head) % kPer);  // elements before a 16-byte boundary
+  const int64_t chunks = (n - first) / kPer;
+  for (int64_t j = threadIdx.x; j < first; j += blockDim.x) dst[j] = row[j];
+  const char* src = reinterpret_cast<const char*>(row + first);
+  char* out = reinterpret_cast<char*>(dst + first);
+  for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) __pipeline_memcpy_async(out + 16 * c, src + 16 * c, 16);
+  for (int64_t j = first + chunks * kPer + threadIdx.x; j < n; j += blockDim.x) dst[j] = row[j];
+  return dst;
+}
+
+template <typename acc_t>
+struct MaxPair {
+  acc_t s, t;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ MaxPair<acc_t> shfl_xor(const MaxPair<acc_t>& v, int mask) {
+  return {__shfl_xor_sync(0xffffffffu, v.s, mask), __shfl_xor_sync(0xffffffffu, v.t, mask)};
+}
+
+struct MaxOp {
+  template <typename acc_t>
+  KDFAST_HD MaxPair<acc_t> operator()(const MaxPair<acc_t>& a, const MaxPair<acc_t>& b) const {
+    return {max_acc(a.s, b.s), max_acc(a.t, b.t)};
+  }
+};
+
+// Bytes of shared memory the one-pass kernel needs for a row of `vocab` elements.
+template <typename s_t, typename t_t>
+int64_t staged_row_bytes(int64_t vocab) {
+  auto padded = [](int64_t bytes) { return (bytes + 16 + 15) / 16 * 16; };  // + one alignment head
+  return padded(vocab * int64_t(sizeof(s_t))) + padded(vocab * int64_t(sizeof(t_t)));
+}
+
+// grid: rows (grid-stride); dynamic shared memory: staged_row_bytes(vocab).
+template <Divergence div, bool kCap, typename s_t, typename t_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxForwardThreads, 1)
+    kd_loss_fused_staged_kernel(const KdLossParams p) {
+  using Ops = math::ScalarOps<acc_t>;
+  extern __shared__ __align__(16) unsigned char staged[];
+  __shared__ MaxPair<acc_t> smem_max[kMaxWarps];
+  __shared__ RowSums<acc_t> smem_sums[kMaxWarps];
+  __shared__ KlPair<acc_t> smem_kl[kMaxWarps];
+  const RowConsts<acc_t> k = math::make_row_consts<acc_t>(p.temperature, p.alpha, p.beta, p.softcap);
+  const math::Mixture<acc_t> mix = math::make_mixture<acc_t>(k.beta);
+  const int64_t vocab = p.vocab;
+  s_t* s_base = reinterpret_cast<s_t*>(staged);
+  t_t* t_base = reinterpret_cast<t_t*>(staged + (vocab * int64_t(sizeof(s_t)) + 16 + 15) / 16 * 16);
+  const auto merge = [&](const RowSums<acc_t>& a, const RowSums<acc_t>& b) {
+    return math::merge_sums<div>(a, b, k.inv_temp, k.with_s1);
+  };
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const bool ignored = row_ignored(p, row);  // uniform over the block
+    RowStats<acc_t> r{};
+    GradRow<acc_t> gr{};
+    const s_t* s = nullptr;
+    const t_t* t = nullptr;
+    if (!ignored) {
+      const RowPtrs<s_t, t_t> in = row_ptrs<s_t, t_t>(p, row);
+      s = stage_row(in.s, vocab, s_base);
+      t = stage_row(in.t, vocab, t_base);
+      __pipeline_commit();
+      __pipeline_wait_prior(0);
+      __syncthreads();
+      MaxPair<acc_t> m{math::neg_inf<acc_t>(), math::neg_inf<acc_t>()};
+      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+        m = MaxOp{}(m, MaxPair<acc_t>{logit<kCap>(s[j], k), logit<kCap>(t[j], k)});
+      }
+      m = block_allreduce(m, MaxOp{}, smem_max);
+      // Sums relative to the final maxima (no rescaling), as in the streaming pass.
+      RowSums<acc_t> st{m.s, m.t, acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+      const acc_t shift_s = m.s == math::neg_inf<acc_t>() ? acc_t(0) : m.s;
+      const acc_t shift_t = m.t == math::neg_inf<acc_t>() ? acc_t(0) : m.t;
+      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const acc_t cs = logit<kCap>(s[j], k);
+        const acc_t xs = (cs - shift_s) * k.inv_temp, xt = (logit<kCap>(t[j], k) - shift_t) * k.inv_temp;
+        const acc_t es = Ops::exp(xs), et = Ops::exp(xt);
+        st.z_s += es;
+        st.z_t += et;
+        if constexpr (div == Divergence::ForwardKL) st.w += math::weighted_diff<Ops>(et, xt, xs);
+        if constexpr (div == Divergence::ReverseKL) st.w += math::weighted_diff<Ops>(es, xs, xt);
+        if (k.with_s1) st.z_s1 += Ops::exp(cs - shift_s);
+      }
+      st = block_allreduce(st, merge, smem_sums);
+      KlPair<acc_t> kl{acc_t(0), acc_t(0)};
+      const bool defined = math::row_defined(st.max_s, st.max_t);  // uniform over the block
+      if (defined) r = math::row_stats<div>(st, k);
+      if constexpr (div == Divergence::JSD) {
+        if (defined) {
+          for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+            const acc_t log_q = (logit<kCap>(s[j], k) - r.max_s) * k.inv_temp - r.log_z_s;
+            const acc_t log_p = (logit<kCap>(t[j], k) - r.max_t) * k.inv_temp - r.log_z_t;
+            math::jsd_terms<Ops>(log_q, log_p, Ops::exp(log_q), Ops::exp(log_p), mix, kl.pm, kl.qm);
+          }
+          kl = block_allreduce(kl, KlSum{}, smem_kl);
+          math::set_jsd(r, kl.pm, kl.qm);
+        }
+      }
+      if (threadIdx.x == 0) write_row<div, kCap, s_t>(p, row, st, kl, k);
+      const bool valid = p.labels == nullptr || (p.labels[row] >= 0 && p.labels[row] < vocab);
+      if (!defined || !valid) {
+        const acc_t nan = acc_t(NAN);
+        r = RowStats<acc_t>{nan, nan, nan, nan, nan, nan, nan};
+      }
+      gr.label = p.labels != nullptr ? p.labels[row] : int64_t(-1);
+      const acc_t w =
+          p.grad_loss == nullptr ? acc_t(1) : static_cast<const acc_t*>(p.grad_loss)[row * p.grad_loss_stride];
+      gr.r = r;
+      gr.g = math::grad_consts(r, k, w);
+      gr.ce_w = k.alpha * w;
+    } else if (threadIdx.x == 0) {
+      write_ignored_row<acc_t>(p, row);
+    }
+    gr.zero = ignored;
+    // Gradient, in groups of VEC on the 16-byte grid of the student's gradient row (the
+    // teacher's gradient row shares it unless their dtypes differ in size).
+    constexpr int VEC = group_width<s_t, t_t>();
+    s_t* gs_row = p.grad_student != nullptr ? static_cast<s_t*>(p.grad_student) + row * vocab : nullptr;
+    t_t* gt_row = p.grad_teacher != nullptr ? static_cast<t_t*>(p.grad_teacher) + row * vocab : nullptr;
+    const int64_t head = gs_row != nullptr
+                             ? static_cast<int64_t>((reinterpret_cast<uintptr_t>(gs_row) & 15u) / sizeof(s_t))
+                             : static_cast<int64_t>((reinterpret_cast<uintptr_t>(gt_row) & 15u) / sizeof(t_t));
+    const int64_t base = -head;
+    const bool vec_gs = gs_row == nullptr || aligned16(gs_row + base);
+    const bool vec_gt = gt_row == nullptr || aligned16(gt_row + base);
+    const int64_t groups = (vocab - base + VEC - 1) / VEC;
+    for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
+      const int64_t lo = base + gi * VEC;
+      const bool full = full_group<VEC>(lo, vocab);
+      Group<s_t, VEC> out_s;
+      Group<t_t, VEC> out_t;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int64_t j = lo + e;
+        acc_t gs = acc_t(0), gt = acc_t(0);
+        if (!gr.zero && j >= 0 && j < vocab) {
+          const acc_t xs = logit<kCap>(s[j], k), xt = logit<kCap>(t[j], k);
+          const acc_t ds = xs - gr.r.max_s;
+          const acc_t log_q = ds * k.inv_temp - gr.r.log_z_s;
+          const acc_t log_p = (xt - gr.r.max_t) * k.inv_temp - gr.r.log_z_t;
+          math::divergence_grads<div, Ops>(log_q, log_p, Ops::exp(log_q), Ops::exp(log_p), gr.g, mix, gs, gt);
+          if (k.with_ce) {
+            gs += gr.ce_w * Ops::exp(ds - gr.r.log_z_s1);
+            if (j == gr.label) gs -= gr.ce_w;
+          }
+          if constexpr (kCap) {
+            gs *= math::softcap_slope<Ops>(xs, k.inv_cap);
+            gt *= math::softcap_slope<Ops>(xt, k.inv_cap);
+          }
+        }
+        out_s.e[e] = static_cast<s_t>(gs);
+        out_t.e[e] = static_cast<t_t>(gt);
+      }
+      if (gs_row != nullptr) store_group<VEC>(gs_row, lo, vocab, full, vec_gs, out_s);
+      if (gt_row != nullptr) store_group<VEC>(gt_row, lo, vocab, full, vec_gt, out_t);
+    }
+    __syncthreads();  // the staged row is overwritten by the next row
   }
 }
 
@@ -718,6 +897,39 @@ struct GradientLauncher {
   }
 };
 
+// The one-pass fused kernel, for rows that fit in shared memory; returns false (and
+// launches nothing) when they do not, or when KDFAST_CUDA_STAGED=0.
+struct StagedLauncher {
+  const KdLossParams& p;
+  bool* launched;
+
+  template <Divergence div, bool kCap, typename s_t, typename t_t, typename acc_t>
+  void run() const {
+    static const bool enabled = [] {
+      const char* env = std::getenv("KDFAST_CUDA_STAGED");
+      return env == nullptr || std::string(env) != "0";
+    }();
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    const int64_t bytes = staged_row_bytes<s_t, t_t>(p.vocab);
+    *launched = false;
+    if (!enabled || bytes > static_cast<int64_t>(prop->sharedMemPerBlockOptin)) return;
+    auto kernel = kd_loss_fused_staged_kernel<div, kCap, s_t, t_t, acc_t>;
+    if (bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(prop->sharedMemPerBlockOptin)));
+    }
+    constexpr int VEC = group_width<s_t, t_t>();
+    const int threads = threads_for(ceil_div(p.vocab, VEC), kMaxForwardThreads);
+    int blocks_per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, threads, bytes));
+    const int64_t resident = int64_t(std::max(blocks_per_sm, 1)) * prop->multiProcessorCount;
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.rows, resident * 8));
+    kernel<<<grid, threads, bytes, at::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    *launched = true;
+  }
+};
+
 template <Divergence div, typename s_t, typename t_t, typename acc_t, typename Launcher>
 void dispatch_cap(const Launcher& launcher, bool cap) {
   if (cap) {
@@ -788,14 +1000,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_fused_cuda(
     count = problem.labels.defined() ? problem.labels.ne(ignore_index).sum().clamp_min(1).to(problem.acc_dtype)
                                      : at::full({}, static_cast<double>(std::max<int64_t>(p.rows, 1)), acc);
   }
+  const bool with_grad = student_requires_grad || teacher_requires_grad;
   if (p.rows > 0) {
-    dispatch_kd(ForwardLauncher{p, acc}, p, problem.student.scalar_type(), problem.teacher.scalar_type());
-    if (student_requires_grad || teacher_requires_grad) {
-      const at::Tensor scale = count.defined() ? count.reciprocal() : at::Tensor();
-      p.stats_in = out.stats.const_data_ptr();
-      p.grad_loss = scale.defined() ? scale.const_data_ptr() : nullptr;
-      p.grad_loss_stride = 0;
-      dispatch_kd(GradientLauncher{p}, p, problem.student.scalar_type(), problem.teacher.scalar_type());
+    const at::Tensor scale = count.defined() && with_grad ? count.reciprocal() : at::Tensor();
+    p.grad_loss = scale.defined() ? scale.const_data_ptr() : nullptr;
+    p.grad_loss_stride = 0;
+    bool done = false;
+    // One pass when the rows fit in shared memory; else the streaming forward, then the
+    // gradient kernel on the statistics it wrote (the inputs are read twice).
+    if (with_grad) dispatch_kd(StagedLauncher{p, &done}, p, problem.student.scalar_type(), problem.teacher.scalar_type());
+    if (!done) {
+      dispatch_kd(ForwardLauncher{p, acc}, p, problem.student.scalar_type(), problem.teacher.scalar_type());
+      if (with_grad) {
+        p.stats_in = out.stats.const_data_ptr();
+        dispatch_kd(GradientLauncher{p}, p, problem.student.scalar_type(), problem.teacher.scalar_type());
+      }
     }
   }
   if (red == Reduction::Sum) out.loss.copy_(out.rows_loss.sum());
