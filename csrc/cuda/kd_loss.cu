@@ -649,7 +649,7 @@ __global__ void __launch_bounds__(kMaxBackwardThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------
-// One pass over HBM for the fused call when a row fits in shared memory: the block
+// One pass over HBM when a row fits in shared memory: the block
 // copies the row of each input into shared memory once (asynchronous 16-byte copies,
 // each input on its own alignment), takes the maxima, sums, JSD terms and the
 // gradient from there, and writes the gradient with the gradient's own alignment. The
@@ -778,6 +778,10 @@ __global__ void __launch_bounds__(kMaxForwardThreads, 1)
       write_ignored_row<acc_t>(p, row);
     }
     gr.zero = ignored;
+    if (p.grad_student == nullptr && p.grad_teacher == nullptr) {  // loss only
+      __syncthreads();  // the staged row is overwritten by the next row
+      continue;
+    }
     // Gradient, in groups of VEC on the 16-byte grid of the student's gradient row (the
     // teacher's gradient row shares it unless their dtypes differ in size).
     constexpr int VEC = group_width<s_t, t_t>();
@@ -912,11 +916,15 @@ struct StagedLauncher {
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
     const int64_t bytes = staged_row_bytes<s_t, t_t>(p.vocab);
     *launched = false;
-    if (!enabled || bytes > static_cast<int64_t>(prop->sharedMemPerBlockOptin)) return;
+    if (!enabled) return;
     auto kernel = kd_loss_fused_staged_kernel<div, kCap, s_t, t_t, acc_t>;
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    const int64_t dynamic_limit = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - int64_t(attr.sharedSizeBytes);
+    if (bytes > dynamic_limit) return;
     if (bytes > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(prop->sharedMemPerBlockOptin)));
+                                          static_cast<int>(dynamic_limit)));
     }
     constexpr int VEC = group_width<s_t, t_t>();
     const int threads = threads_for(ceil_div(p.vocab, VEC), kMaxForwardThreads);
@@ -1007,8 +1015,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_fused_cuda(
     p.grad_loss_stride = 0;
     bool done = false;
     // One pass when the rows fit in shared memory; else the streaming forward, then the
-    // gradient kernel on the statistics it wrote (the inputs are read twice).
-    if (with_grad) dispatch_kd(StagedLauncher{p, &done}, p, problem.student.scalar_type(), problem.teacher.scalar_type());
+    // gradient kernel on the statistics it wrote (the inputs are read twice). The same
+    // kernel serves a call with and without gradients, so the loss does not depend on
+    // whether a gradient is computed.
+    dispatch_kd(StagedLauncher{p, &done}, p, problem.student.scalar_type(), problem.teacher.scalar_type());
     if (!done) {
       dispatch_kd(ForwardLauncher{p, acc}, p, problem.student.scalar_type(), problem.teacher.scalar_type());
       if (with_grad) {
