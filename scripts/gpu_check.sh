@@ -154,6 +154,11 @@ step_tests() {
 }
 run_step tests-cuda tests last_line step_tests
 keep_log "$LOGS/tests-cuda.log" "$CHECK/pytest-cuda.log" 80
+# The same tests on the streaming kernels alone (forward, then the gradient kernel),
+# which otherwise serve only rows too long for the one-pass kernels' shared memory.
+step_tests_streaming() { KDFAST_CUDA_STAGED=0 "${TIMEOUT[@]}" "$PY" -m pytest -q -m cuda tests; }
+run_step tests-cuda-streaming tests last_line step_tests_streaming
+keep_log "$LOGS/tests-cuda-streaming.log" "$CHECK/pytest-cuda-streaming.log" 80
 if (( ALL_TESTS )); then
   step_tests_rest() { "${TIMEOUT[@]}" "$PY" -m pytest -q -m "not cuda" tests; }
   run_step tests-rest tests last_line step_tests_rest
@@ -178,8 +183,14 @@ detail_sanitize() {
   { grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$1" | tail -n 1
     grep -E '^gpu_sanitize_cases:|compute-sanitizer not found' "$1" | tail -n 1; } | paste -sd ';' -
 }
-for tool in memcheck racecheck synccheck initcheck; do
-  run_step "sanitize-$tool" sanitize detail_sanitize step_sanitize "$tool"
+step_sanitize_streaming() { (export KDFAST_CUDA_STAGED=0; step_sanitize memcheck); }
+for tool in memcheck racecheck synccheck initcheck streaming; do
+  if [[ $tool == streaming ]]; then  # memcheck over the streaming kernels alone
+    run_step "sanitize-memcheck-streaming" sanitize detail_sanitize step_sanitize_streaming
+    tool=memcheck-streaming
+  else
+    run_step "sanitize-$tool" sanitize detail_sanitize step_sanitize "$tool"
+  fi
   # the sanitizer's reports, each with the case line printed before it, and the verdicts
   if [[ -f $LOGS/sanitize-$tool.log ]]; then
     grep -B1 -E '^(=========|FAIL |gpu_sanitize_cases:|compute-sanitizer not found)' \

@@ -2,26 +2,35 @@
 // docs/kd_loss_math.md; the formulas themselves live in ../kd_loss_math.h, shared with
 // the CPU kernels.
 //
-// Forward: a row is split into groups of VEC elements (16 bytes of the narrower input)
-// laid on the 16-byte grid of the student row; the teacher row and the gradient rows
-// use 16-byte loads / stores where they sit on the same grid and element accesses
-// where they do not, each decided on its own. One block streams a row once (online
-// maxima and sums), or, when rows are few and long, `splits` blocks stream a part each,
-// write partial sums to an O(rows x splits) workspace, and a finalize kernel merges
-// them. JSD makes a second pass for log m_j.
-// Gradient: elementwise from the row statistics over a 2-D grid (row, column chunk).
-// kd_loss_fused runs the forward, then the gradient kernel on the statistics it just
-// wrote, on the same stream.
+// kd_loss_fused picks one of three paths (docs/kd_loss_math.md, "CUDA paths"):
+//  1. one block per row, the row of both inputs staged in shared memory by 16-byte
+//     asynchronous copies: HBM is read once and the gradient written once (rows whose
+//     two inputs fit in a block's shared memory, e.g. V <= ~57000 for bf16 pairs on
+//     H100);
+//  2. sm_90: the same with a thread-block cluster of 2, 4 or 8 blocks per row, each
+//     staging a slice, maxima and sums combined through distributed shared memory
+//     (e.g. V = 128256 bf16 with 8 blocks of 64 KB);
+//  3. otherwise the streaming forward (online maxima and sums; `splits` blocks per
+//     row and a finalize kernel when rows are few and long; JSD's second pass), then
+//     the elementwise gradient kernel on the statistics it wrote: the inputs are read
+//     twice. kd_loss_backward (the recomputing backward) is that gradient kernel.
+// In the streaming kernels a row is split into groups of VEC elements (16 bytes of the
+// narrower input) on the 16-byte grid of the student row; the teacher and the gradient
+// rows use 16-byte accesses where they share that grid and element accesses where they
+// do not, each decided on its own; in the staged kernels every input is copied with
+// its own alignment and the gradient stored on its own grid.
 //
 // No host synchronisation anywhere (CUDA-graph capturable): labels are checked on the
 // device (a device-side assertion names the problem; the bad row is never indexed),
-// the batchmean count and the reduction are device tensors.
+// the batchmean count and the reduction are device tensors. Every reduction has a
+// fixed order, so results are bitwise reproducible run to run.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cooperative_groups.h>
 #include <cuda_pipeline.h>
 #include <torch/library.h>
 
@@ -153,7 +162,7 @@ KDFAST_HD void load_group(const T* __restrict__ row, int64_t lo, int64_t vocab, 
 }
 
 template <int VEC, typename T>
-KDFAST_HD void store_group(T* __restrict__ row, int64_t lo, int64_t vocab, bool full, bool vec,
+KDFAST_HD void store_group(T* __restrict__ row, int64_t lo, int64_t begin, int64_t end, bool full, bool vec,
                            const Group<T, VEC>& v) {
   if (full && vec) {
     uint4* dst = reinterpret_cast<uint4*>(row + lo);
@@ -164,7 +173,7 @@ KDFAST_HD void store_group(T* __restrict__ row, int64_t lo, int64_t vocab, bool 
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const int64_t j = lo + k;
-      if (j >= 0 && j < vocab) row[j] = v.e[k];
+      if (j >= begin && j < end) row[j] = v.e[k];
     }
   }
 }
@@ -604,8 +613,8 @@ KDFAST_HD void gradient_groups(const KdLossParams& p, int64_t row, const RowCons
         out_s.e[e] = static_cast<s_t>(gs);
         out_t.e[e] = static_cast<t_t>(gt);
       }
-      if (gs_row != nullptr) store_group<VEC>(gs_row, lo, vocab, full, g.vec_gs, out_s);
-      if (gt_row != nullptr) store_group<VEC>(gt_row, lo, vocab, full, g.vec_gt, out_t);
+      if (gs_row != nullptr) store_group<VEC>(gs_row, lo, 0, vocab, full, g.vec_gs, out_s);
+      if (gt_row != nullptr) store_group<VEC>(gt_row, lo, 0, vocab, full, g.vec_gt, out_t);
     }
   }
 }
@@ -691,53 +700,106 @@ struct MaxOp {
   }
 };
 
-// Bytes of shared memory the one-pass kernel needs for a row of `vocab` elements.
+// Bytes of shared memory the one-pass kernel needs for `n` elements of each input.
 template <typename s_t, typename t_t>
-int64_t staged_row_bytes(int64_t vocab) {
+int64_t staged_row_bytes(int64_t n) {
   auto padded = [](int64_t bytes) { return (bytes + 16 + 15) / 16 * 16; };  // + one alignment head
-  return padded(vocab * int64_t(sizeof(s_t))) + padded(vocab * int64_t(sizeof(t_t)));
+  return padded(n * int64_t(sizeof(s_t))) + padded(n * int64_t(sizeof(t_t)));
 }
 
-// grid: rows (grid-stride); dynamic shared memory: staged_row_bytes(vocab).
-template <Divergence div, bool kCap, typename s_t, typename t_t, typename acc_t>
+// Combines a block's partial result with those of the other blocks of its cluster (a
+// row split over a thread-block cluster, sm_90): each block publishes its value in its
+// shared memory, and after a cluster barrier every thread folds all of them in rank
+// order, so every block gets the same bits. Without a cluster the value is returned.
+// The caller's next write to `slot` comes after another cluster barrier, so no block
+// overwrites a value a peer is still reading.
+template <bool kCluster, typename T, typename Op>
+__device__ __forceinline__ T cluster_combine(const T& v, T* slot, const Op& op) {
+  if constexpr (!kCluster) {
+    return v;
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x == 0) *slot = v;
+    cluster.sync();
+    T r = *cluster.map_shared_rank(slot, 0);
+    for (unsigned rank = 1; rank < cluster.num_blocks(); ++rank) r = op(r, *cluster.map_shared_rank(slot, rank));
+    return r;
+#else
+    return v;  // never launched: clusters need sm_90
+#endif
+  }
+}
+
+template <bool kCluster>
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (kCluster) cooperative_groups::this_cluster().sync();
+#endif
+}
+
+template <bool kCluster>
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (kCluster) return static_cast<int>(cooperative_groups::this_cluster().block_rank());
+#endif
+  return 0;
+}
+
+// One pass over HBM. Without a cluster, block b owns rows b, b + gridDim.x, ... and
+// stages whole rows (rows that fit in one block's shared memory). With a cluster of C
+// blocks (sm_90), the cluster owns the row and block `rank` stages elements
+// [rank * slice, (rank + 1) * slice); maxima, sums and JSD terms are combined over the
+// cluster through distributed shared memory. Dynamic shared memory:
+// staged_row_bytes(slice).
+template <Divergence div, bool kCap, bool kCluster, typename s_t, typename t_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxForwardThreads, 1)
-    kd_loss_fused_staged_kernel(const KdLossParams p) {
+    kd_loss_fused_staged_kernel(const KdLossParams p, const int64_t slice, const int cluster_size) {
   using Ops = math::ScalarOps<acc_t>;
   extern __shared__ __align__(16) unsigned char staged[];
   __shared__ MaxPair<acc_t> smem_max[kMaxWarps];
   __shared__ RowSums<acc_t> smem_sums[kMaxWarps];
   __shared__ KlPair<acc_t> smem_kl[kMaxWarps];
+  __shared__ MaxPair<acc_t> part_max;  // this block's partials, read by its cluster peers
+  __shared__ RowSums<acc_t> part_sums;
+  __shared__ KlPair<acc_t> part_kl;
   const RowConsts<acc_t> k = math::make_row_consts<acc_t>(p.temperature, p.alpha, p.beta, p.softcap);
   const math::Mixture<acc_t> mix = math::make_mixture<acc_t>(k.beta);
   const int64_t vocab = p.vocab;
+  const int rank = cluster_rank<kCluster>();
+  const int64_t begin = std::min<int64_t>(vocab, rank * slice);
+  const int64_t end = std::min<int64_t>(vocab, begin + slice);
+  const int64_t n = end - begin;
   s_t* s_base = reinterpret_cast<s_t*>(staged);
-  t_t* t_base = reinterpret_cast<t_t*>(staged + (vocab * int64_t(sizeof(s_t)) + 16 + 15) / 16 * 16);
+  t_t* t_base = reinterpret_cast<t_t*>(staged + (slice * int64_t(sizeof(s_t)) + 16 + 15) / 16 * 16);
   const auto merge = [&](const RowSums<acc_t>& a, const RowSums<acc_t>& b) {
     return math::merge_sums<div>(a, b, k.inv_temp, k.with_s1);
   };
-  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
-    const bool ignored = row_ignored(p, row);  // uniform over the block
-    RowStats<acc_t> r{};
+  const int64_t owners = gridDim.x / cluster_size;
+  for (int64_t row = blockIdx.x / cluster_size; row < p.rows; row += owners) {
+    const bool ignored = row_ignored(p, row);  // uniform over the block and the cluster
     GradRow<acc_t> gr{};
-    const s_t* s = nullptr;
+    gr.zero = ignored;
+    const s_t* s = nullptr;  // s[j - begin] is element j of the row
     const t_t* t = nullptr;
     if (!ignored) {
       const RowPtrs<s_t, t_t> in = row_ptrs<s_t, t_t>(p, row);
-      s = stage_row(in.s, vocab, s_base);
-      t = stage_row(in.t, vocab, t_base);
+      s = stage_row(in.s + begin, n, s_base);
+      t = stage_row(in.t + begin, n, t_base);
       __pipeline_commit();
       __pipeline_wait_prior(0);
       __syncthreads();
       MaxPair<acc_t> m{math::neg_inf<acc_t>(), math::neg_inf<acc_t>()};
-      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
         m = MaxOp{}(m, MaxPair<acc_t>{logit<kCap>(s[j], k), logit<kCap>(t[j], k)});
       }
-      m = block_allreduce(m, MaxOp{}, smem_max);
+      m = cluster_combine<kCluster>(block_allreduce(m, MaxOp{}, smem_max), &part_max, MaxOp{});
       // Sums relative to the final maxima (no rescaling), as in the streaming pass.
       RowSums<acc_t> st{m.s, m.t, acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
       const acc_t shift_s = m.s == math::neg_inf<acc_t>() ? acc_t(0) : m.s;
       const acc_t shift_t = m.t == math::neg_inf<acc_t>() ? acc_t(0) : m.t;
-      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
         const acc_t cs = logit<kCap>(s[j], k);
         const acc_t xs = (cs - shift_s) * k.inv_temp, xt = (logit<kCap>(t[j], k) - shift_t) * k.inv_temp;
         const acc_t es = Ops::exp(xs), et = Ops::exp(xt);
@@ -747,22 +809,23 @@ __global__ void __launch_bounds__(kMaxForwardThreads, 1)
         if constexpr (div == Divergence::ReverseKL) st.w += math::weighted_diff<Ops>(es, xs, xt);
         if (k.with_s1) st.z_s1 += Ops::exp(cs - shift_s);
       }
-      st = block_allreduce(st, merge, smem_sums);
+      st = cluster_combine<kCluster>(block_allreduce(st, merge, smem_sums), &part_sums, merge);
+      const bool defined = math::row_defined(st.max_s, st.max_t);  // uniform over the cluster
+      RowStats<acc_t> r{};
       KlPair<acc_t> kl{acc_t(0), acc_t(0)};
-      const bool defined = math::row_defined(st.max_s, st.max_t);  // uniform over the block
       if (defined) r = math::row_stats<div>(st, k);
       if constexpr (div == Divergence::JSD) {
         if (defined) {
-          for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+          for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
             const acc_t log_q = (logit<kCap>(s[j], k) - r.max_s) * k.inv_temp - r.log_z_s;
             const acc_t log_p = (logit<kCap>(t[j], k) - r.max_t) * k.inv_temp - r.log_z_t;
             math::jsd_terms<Ops>(log_q, log_p, Ops::exp(log_q), Ops::exp(log_p), mix, kl.pm, kl.qm);
           }
-          kl = block_allreduce(kl, KlSum{}, smem_kl);
+          kl = cluster_combine<kCluster>(block_allreduce(kl, KlSum{}, smem_kl), &part_kl, KlSum{});
           math::set_jsd(r, kl.pm, kl.qm);
         }
       }
-      if (threadIdx.x == 0) write_row<div, kCap, s_t>(p, row, st, kl, k);
+      if (rank == 0 && threadIdx.x == 0) write_row<div, kCap, s_t>(p, row, st, kl, k);
       const bool valid = p.labels == nullptr || (p.labels[row] >= 0 && p.labels[row] < vocab);
       if (!defined || !valid) {
         const acc_t nan = acc_t(NAN);
@@ -774,58 +837,57 @@ __global__ void __launch_bounds__(kMaxForwardThreads, 1)
       gr.r = r;
       gr.g = math::grad_consts(r, k, w);
       gr.ce_w = k.alpha * w;
-    } else if (threadIdx.x == 0) {
+    } else if (rank == 0 && threadIdx.x == 0) {
       write_ignored_row<acc_t>(p, row);
     }
-    gr.zero = ignored;
-    if (p.grad_student == nullptr && p.grad_teacher == nullptr) {  // loss only
-      __syncthreads();  // the staged row is overwritten by the next row
-      continue;
-    }
-    // Gradient, in groups of VEC on the 16-byte grid of the student's gradient row (the
-    // teacher's gradient row shares it unless their dtypes differ in size).
-    constexpr int VEC = group_width<s_t, t_t>();
-    s_t* gs_row = p.grad_student != nullptr ? static_cast<s_t*>(p.grad_student) + row * vocab : nullptr;
-    t_t* gt_row = p.grad_teacher != nullptr ? static_cast<t_t*>(p.grad_teacher) + row * vocab : nullptr;
-    const int64_t head = gs_row != nullptr
-                             ? static_cast<int64_t>((reinterpret_cast<uintptr_t>(gs_row) & 15u) / sizeof(s_t))
-                             : static_cast<int64_t>((reinterpret_cast<uintptr_t>(gt_row) & 15u) / sizeof(t_t));
-    const int64_t base = -head;
-    const bool vec_gs = gs_row == nullptr || aligned16(gs_row + base);
-    const bool vec_gt = gt_row == nullptr || aligned16(gt_row + base);
-    const int64_t groups = (vocab - base + VEC - 1) / VEC;
-    for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-      const int64_t lo = base + gi * VEC;
-      const bool full = full_group<VEC>(lo, vocab);
-      Group<s_t, VEC> out_s;
-      Group<t_t, VEC> out_t;
+    if (p.grad_student != nullptr || p.grad_teacher != nullptr) {
+      // Gradient of elements [begin, end), in groups of VEC on the 16-byte grid of the
+      // student's gradient row (the teacher's shares it unless their sizes differ).
+      constexpr int VEC = group_width<s_t, t_t>();
+      s_t* gs_row = p.grad_student != nullptr ? static_cast<s_t*>(p.grad_student) + row * vocab : nullptr;
+      t_t* gt_row = p.grad_teacher != nullptr ? static_cast<t_t*>(p.grad_teacher) + row * vocab : nullptr;
+      const int64_t head = gs_row != nullptr
+                               ? static_cast<int64_t>((reinterpret_cast<uintptr_t>(gs_row) & 15u) / sizeof(s_t))
+                               : static_cast<int64_t>((reinterpret_cast<uintptr_t>(gt_row) & 15u) / sizeof(t_t));
+      const int64_t base = -head;
+      const bool vec_gs = gs_row == nullptr || aligned16(gs_row + base);
+      const bool vec_gt = gt_row == nullptr || aligned16(gt_row + base);
+      const int64_t g_first = (begin - base) / VEC;
+      const int64_t g_end = (end - base + VEC - 1) / VEC;
+      for (int64_t gi = g_first + threadIdx.x; gi < g_end; gi += blockDim.x) {
+        const int64_t lo = base + gi * VEC;
+        const bool full = lo >= begin && lo + VEC <= end;
+        Group<s_t, VEC> out_s;
+        Group<t_t, VEC> out_t;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const int64_t j = lo + e;
-        acc_t gs = acc_t(0), gt = acc_t(0);
-        if (!gr.zero && j >= 0 && j < vocab) {
-          const acc_t xs = logit<kCap>(s[j], k), xt = logit<kCap>(t[j], k);
-          const acc_t ds = xs - gr.r.max_s;
-          const acc_t log_q = ds * k.inv_temp - gr.r.log_z_s;
-          const acc_t log_p = (xt - gr.r.max_t) * k.inv_temp - gr.r.log_z_t;
-          math::divergence_grads<div, Ops>(log_q, log_p, Ops::exp(log_q), Ops::exp(log_p), gr.g, mix, gs, gt);
-          if (k.with_ce) {
-            gs += gr.ce_w * Ops::exp(ds - gr.r.log_z_s1);
-            if (j == gr.label) gs -= gr.ce_w;
+        for (int e = 0; e < VEC; ++e) {
+          const int64_t j = lo + e;
+          acc_t gs = acc_t(0), gt = acc_t(0);
+          if (!gr.zero && j >= begin && j < end) {
+            const acc_t xs = logit<kCap>(s[j - begin], k), xt = logit<kCap>(t[j - begin], k);
+            const acc_t ds = xs - gr.r.max_s;
+            const acc_t log_q = ds * k.inv_temp - gr.r.log_z_s;
+            const acc_t log_p = (xt - gr.r.max_t) * k.inv_temp - gr.r.log_z_t;
+            math::divergence_grads<div, Ops>(log_q, log_p, Ops::exp(log_q), Ops::exp(log_p), gr.g, mix, gs, gt);
+            if (k.with_ce) {
+              gs += gr.ce_w * Ops::exp(ds - gr.r.log_z_s1);
+              if (j == gr.label) gs -= gr.ce_w;
+            }
+            if constexpr (kCap) {
+              gs *= math::softcap_slope<Ops>(xs, k.inv_cap);
+              gt *= math::softcap_slope<Ops>(xt, k.inv_cap);
+            }
           }
-          if constexpr (kCap) {
-            gs *= math::softcap_slope<Ops>(xs, k.inv_cap);
-            gt *= math::softcap_slope<Ops>(xt, k.inv_cap);
-          }
+          out_s.e[e] = static_cast<s_t>(gs);
+          out_t.e[e] = static_cast<t_t>(gt);
         }
-        out_s.e[e] = static_cast<s_t>(gs);
-        out_t.e[e] = static_cast<t_t>(gt);
+        if (gs_row != nullptr) store_group<VEC>(gs_row, lo, begin, end, full, vec_gs, out_s);
+        if (gt_row != nullptr) store_group<VEC>(gt_row, lo, begin, end, full, vec_gt, out_t);
       }
-      if (gs_row != nullptr) store_group<VEC>(gs_row, lo, vocab, full, vec_gs, out_s);
-      if (gt_row != nullptr) store_group<VEC>(gt_row, lo, vocab, full, vec_gt, out_t);
     }
-    __syncthreads();  // the staged row is overwritten by the next row
+    __syncthreads();  // the staged slice is overwritten by the next row
   }
+  cluster_barrier<kCluster>();  // peers may still read this block's partials
 }
 
 // ---------------------------------------------------------------------------------------
@@ -901,40 +963,83 @@ struct GradientLauncher {
   }
 };
 
-// The one-pass fused kernel, for rows that fit in shared memory; returns false (and
-// launches nothing) when they do not, or when KDFAST_CUDA_STAGED=0.
+bool env_enabled(const char* name) {
+  const char* env = std::getenv(name);
+  return env == nullptr || std::string(env) != "0";
+}
+
+// The one-pass kernel: one block per row when a row fits in a block's shared memory,
+// else (sm_90) a cluster of 2, 4 or 8 blocks per row when a slice fits; sets *launched
+// to false, launching nothing, when neither fits (or KDFAST_CUDA_STAGED=0 /
+// KDFAST_CUDA_CLUSTER=0).
 struct StagedLauncher {
   const KdLossParams& p;
   bool* launched;
 
-  template <Divergence div, bool kCap, typename s_t, typename t_t, typename acc_t>
-  void run() const {
-    static const bool enabled = [] {
-      const char* env = std::getenv("KDFAST_CUDA_STAGED");
-      return env == nullptr || std::string(env) != "0";
-    }();
-    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    const int64_t bytes = staged_row_bytes<s_t, t_t>(p.vocab);
-    *launched = false;
-    if (!enabled) return;
-    auto kernel = kd_loss_fused_staged_kernel<div, kCap, s_t, t_t, acc_t>;
+  // Opts the kernel into the shared memory it needs; false when that is more than a
+  // block may have.
+  template <typename Kernel>
+  static bool fit_shared_memory(Kernel kernel, int64_t bytes, const cudaDeviceProp* prop) {
     cudaFuncAttributes attr{};
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    const int64_t dynamic_limit = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - int64_t(attr.sharedSizeBytes);
-    if (bytes > dynamic_limit) return;
+    const int64_t limit = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - int64_t(attr.sharedSizeBytes);
+    if (bytes > limit) return false;
     if (bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(dynamic_limit)));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
     }
+    return true;
+  }
+
+  template <Divergence div, bool kCap, typename s_t, typename t_t, typename acc_t>
+  void run() const {
+    static const bool enabled = env_enabled("KDFAST_CUDA_STAGED");
+    static const bool clusters = env_enabled("KDFAST_CUDA_CLUSTER");
+    *launched = false;
+    if (!enabled) return;
     constexpr int VEC = group_width<s_t, t_t>();
-    const int threads = threads_for(ceil_div(p.vocab, VEC), kMaxForwardThreads);
-    int blocks_per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, threads, bytes));
-    const int64_t resident = int64_t(std::max(blocks_per_sm, 1)) * prop->multiProcessorCount;
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.rows, resident * 8));
-    kernel<<<grid, threads, bytes, at::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    *launched = true;
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    auto single = kd_loss_fused_staged_kernel<div, kCap, false, s_t, t_t, acc_t>;
+    const int64_t bytes = staged_row_bytes<s_t, t_t>(p.vocab);
+    if (fit_shared_memory(single, bytes, prop)) {
+      const int threads = threads_for(ceil_div(p.vocab, VEC), kMaxForwardThreads);
+      int blocks_per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, single, threads, bytes));
+      const int64_t resident = int64_t(std::max(blocks_per_sm, 1)) * prop->multiProcessorCount;
+      const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.rows, resident * 8));
+      single<<<grid, threads, bytes, stream>>>(p, p.vocab, 1);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      *launched = true;
+      return;
+    }
+    if (!clusters || prop->major < 9) return;
+    auto clustered = kd_loss_fused_staged_kernel<div, kCap, true, s_t, t_t, acc_t>;
+    for (int size = 2; size <= 8; size *= 2) {
+      // Slices are whole 16-element runs, so each starts with the row's own alignment.
+      const int64_t slice = ceil_div(ceil_div(p.vocab, size), 16) * 16;
+      const int64_t slice_bytes = staged_row_bytes<s_t, t_t>(slice);
+      if (!fit_shared_memory(clustered, slice_bytes, prop)) continue;
+      cudaLaunchConfig_t config{};
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = static_cast<unsigned>(size);
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      config.blockDim = dim3(static_cast<unsigned>(threads_for(ceil_div(slice, VEC), kMaxForwardThreads)));
+      config.dynamicSmemBytes = static_cast<size_t>(slice_bytes);
+      config.stream = stream;
+      config.gridDim = dim3(static_cast<unsigned>(size));
+      int active = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&active, clustered, &config));
+      if (active < 1) continue;
+      const int64_t owners = std::min<int64_t>(p.rows, int64_t(active) * 8);
+      config.gridDim = dim3(static_cast<unsigned>(owners * size));
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, clustered, p, slice, size));
+      *launched = true;
+      return;
+    }
   }
 };
 
