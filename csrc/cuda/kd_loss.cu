@@ -39,9 +39,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "../kd_loss.h"
 #include "../kd_loss_math.h"
@@ -556,13 +559,32 @@ KDFAST_HD GradRow<acc_t> grad_row(const KdLossParams& p, const RowConsts<acc_t>&
   return r;
 }
 
-// This thread's share of groups [g_begin, g_end) of one row's gradients. An undefined
-// row (NaN stats) gets NaN through the formulas.
+// d loss / d s_j and d loss / d t_j of element j (raw logits s_raw, t_raw) of a counted
+// row. An undefined row (NaN stats) gets NaN through the formulas.
+template <Divergence div, bool kCap, typename s_t, typename t_t, typename acc_t>
+KDFAST_HD void element_grads(s_t s_raw, t_t t_raw, int64_t j, const GradRow<acc_t>& r, const RowConsts<acc_t>& k,
+                             const math::Mixture<acc_t>& mix, acc_t& gs, acc_t& gt) {
+  using Ops = math::ScalarOps<acc_t>;
+  const acc_t xs = logit<kCap>(s_raw, k), xt = logit<kCap>(t_raw, k);
+  const acc_t ds = xs - r.r.max_s;
+  const acc_t log_q = ds * k.inv_temp - r.r.log_z_s;
+  const acc_t log_p = (xt - r.r.max_t) * k.inv_temp - r.r.log_z_t;
+  math::divergence_grads<div, Ops>(log_q, log_p, Ops::exp(log_q), Ops::exp(log_p), r.g, mix, gs, gt);
+  if (k.with_ce) {
+    gs += r.ce_w * Ops::exp(ds - r.r.log_z_s1);
+    if (j == r.label) gs -= r.ce_w;
+  }
+  if constexpr (kCap) {
+    gs *= math::softcap_slope<Ops>(xs, k.inv_cap);
+    gt *= math::softcap_slope<Ops>(xt, k.inv_cap);
+  }
+}
+
+// This thread's share of groups [g_begin, g_end) of one row's gradients.
 template <Divergence div, bool kCap, int VEC, typename s_t, typename t_t, typename acc_t>
 KDFAST_HD void gradient_groups(const KdLossParams& p, int64_t row, const RowConsts<acc_t>& k,
                                const GradRow<acc_t>& r, const RowGroups& g, int64_t g_begin, int64_t g_end,
                                int tid, int nthreads) {
-  using Ops = math::ScalarOps<acc_t>;
   const math::Mixture<acc_t> mix = math::make_mixture<acc_t>(k.beta);
   const RowPtrs<s_t, t_t> in = row_ptrs<s_t, t_t>(p, row);
   s_t* gs_row = p.grad_student != nullptr ? static_cast<s_t*>(p.grad_student) + row * p.vocab : nullptr;
@@ -596,19 +618,7 @@ KDFAST_HD void gradient_groups(const KdLossParams& p, int64_t row, const RowCons
       for (int e = 0; e < VEC; ++e) {
         acc_t gs = acc_t(0), gt = acc_t(0);
         if (!r.zero) {
-          const acc_t xs = logit<kCap>(sv[u].e[e], k), xt = logit<kCap>(tv[u].e[e], k);
-          const acc_t ds = xs - r.r.max_s;
-          const acc_t log_q = ds * k.inv_temp - r.r.log_z_s;
-          const acc_t log_p = (xt - r.r.max_t) * k.inv_temp - r.r.log_z_t;
-          math::divergence_grads<div, Ops>(log_q, log_p, Ops::exp(log_q), Ops::exp(log_p), r.g, mix, gs, gt);
-          if (k.with_ce) {
-            gs += r.ce_w * Ops::exp(ds - r.r.log_z_s1);
-            if (lo + e == r.label) gs -= r.ce_w;
-          }
-          if constexpr (kCap) {
-            gs *= math::softcap_slope<Ops>(xs, k.inv_cap);
-            gt *= math::softcap_slope<Ops>(xt, k.inv_cap);
-          }
+          element_grads<div, kCap>(sv[u].e[e], tv[u].e[e], lo + e, r, k, mix, gs, gt);
         }
         out_s.e[e] = static_cast<s_t>(gs);
         out_t.e[e] = static_cast<t_t>(gt);
@@ -864,19 +874,7 @@ __global__ void __launch_bounds__(kMaxForwardThreads, 1)
           const int64_t j = lo + e;
           acc_t gs = acc_t(0), gt = acc_t(0);
           if (!gr.zero && j >= begin && j < end) {
-            const acc_t xs = logit<kCap>(s[j - begin], k), xt = logit<kCap>(t[j - begin], k);
-            const acc_t ds = xs - gr.r.max_s;
-            const acc_t log_q = ds * k.inv_temp - gr.r.log_z_s;
-            const acc_t log_p = (xt - gr.r.max_t) * k.inv_temp - gr.r.log_z_t;
-            math::divergence_grads<div, Ops>(log_q, log_p, Ops::exp(log_q), Ops::exp(log_p), gr.g, mix, gs, gt);
-            if (k.with_ce) {
-              gs += gr.ce_w * Ops::exp(ds - gr.r.log_z_s1);
-              if (j == gr.label) gs -= gr.ce_w;
-            }
-            if constexpr (kCap) {
-              gs *= math::softcap_slope<Ops>(xs, k.inv_cap);
-              gt *= math::softcap_slope<Ops>(xt, k.inv_cap);
-            }
+            element_grads<div, kCap>(s[j - begin], t[j - begin], j, gr, k, mix, gs, gt);
           }
           out_s.e[e] = static_cast<s_t>(gs);
           out_t.e[e] = static_cast<t_t>(gt);
@@ -976,18 +974,28 @@ struct StagedLauncher {
   const KdLossParams& p;
   bool* launched;
 
-  // Opts the kernel into the shared memory it needs; false when that is more than a
-  // block may have.
+  // Whether `bytes` of dynamic shared memory fit a block of this kernel. The first call
+  // per kernel and device opts the kernel into all the shared memory a block may have;
+  // later calls (e.g. during CUDA-graph capture, after the usual warm-up) only compare.
   template <typename Kernel>
   static bool fit_shared_memory(Kernel kernel, int64_t bytes, const cudaDeviceProp* prop) {
-    cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    const int64_t limit = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - int64_t(attr.sharedSizeBytes);
-    if (bytes > limit) return false;
-    if (bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
+    static std::mutex mutex;
+    static std::map<std::pair<const void*, int>, int64_t> limits;  // (kernel, device) -> limit
+    const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), c10::cuda::current_device()};
+    int64_t limit = 0;
+    {
+      const std::lock_guard<std::mutex> lock(mutex);
+      auto it = limits.find(key);
+      if (it == limits.end()) {
+        cudaFuncAttributes attr{};
+        C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+        const int64_t l = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - int64_t(attr.sharedSizeBytes);
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l)));
+        it = limits.emplace(key, l).first;
+      }
+      limit = it->second;
     }
-    return true;
+    return bytes <= limit;
   }
 
   template <Divergence div, bool kCap, typename s_t, typename t_t, typename acc_t>

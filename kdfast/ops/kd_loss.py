@@ -80,7 +80,7 @@ def _tracing(*tensors: torch.Tensor) -> bool:
 def _setup_context(ctx, inputs, output):
     (student, teacher, labels, temperature, alpha, divergence, beta, ignore_index, softcap,
      reduction, student_requires_grad, teacher_requires_grad) = inputs
-    loss, stats, grad_s, grad_t = output
+    _loss, stats, grad_s, grad_t = output
     ctx.mark_non_differentiable(stats, grad_s, grad_t)
     # No zero-filled stand-ins for the gradients of the non-differentiable outputs: for
     # grad_student / grad_teacher they would be gradient-sized.
