@@ -38,13 +38,23 @@ CHILD = textwrap.dedent("""
         ((4, 129), torch.float16, torch.bfloat16, dict(divergence="jsd", reduction="none")),
         ((3, 77), torch.float64, torch.float64, dict(divergence="reverse_kl", alpha=0.5)),
     ]
-    for shape, s_dtype, t_dtype, options in cases:
+    for i, (shape, s_dtype, t_dtype, options) in enumerate(cases):
         s, t = logits(shape, dtype=s_dtype), logits(shape, dtype=t_dtype)
         s[..., 5] = float("-inf")
         t[..., 5] = float("-inf")
         labels = labels_for(shape[:-1], shape[-1])
         labels[labels == 5] = 6
-        check_against_reference(s, t, labels, teacher_grad=True, **options)
+        # Both the student-only gradient (kept exponentials) and student + teacher.
+        check_against_reference(s, t, labels, teacher_grad=i % 2 == 0, **options)
+        check_against_reference(s * 8, t * 8, labels, teacher_grad=i % 2 == 1, softcap=6.0, **options)
+    # JSD rows whose mixture underflows in float32 (log space), with denormals flushed too.
+    for flush in (False, True):
+        torch.set_flush_denormal(flush)
+        s = torch.tensor([[0.0, -95.0], [0.0, -float("inf")], [0.0, -48.0]])
+        t = torch.tensor([[0.0, -87.0], [0.0, -87.0], [0.0, -43.6]])
+        check_against_reference(s, t, None, teacher_grad=True, divergence="jsd", reduction="none",
+                                eager_rule=True)
+    torch.set_flush_denormal(False)
     print("ok")
 """)
 
