@@ -46,9 +46,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     gradients are the exception: they are computed in the backward, where a loss scale
     (``torch.amp.GradScaler``) is known, since kept at scale 1 they would underflow. Memory
     kept between forward and backward: the gradient (like the input it belongs to) and
-    ``O(rows)`` statistics; the inputs themselves are saved too, for a repeated
-    backward (``retain_graph=True``), which recomputes the gradient from them. Without
-    a gradient (``torch.no_grad()``, inference) only the loss is computed.
+    ``O(rows)`` statistics (the inputs are referenced too, for a gradient recomputed in
+    the backward). With ``retain_graph=True`` each backward returns a scaled copy of
+    the kept gradient. Without a gradient (``torch.no_grad()``, inference) only the
+    loss is computed. Paths and memory: ``docs/kd_loss_math.md``.
 
     Args:
         student_logits: ``[..., V]`` float32 / float16 / bfloat16, any strides.
