@@ -50,3 +50,11 @@ def _seed():
 def needs_extension():
     if not kdfast.has_extension():
         pytest.skip("the compiled extension kdfast._C is not built")
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean torch._dynamo state before and after a torch.compile test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

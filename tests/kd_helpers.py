@@ -11,6 +11,23 @@ import kdfast
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+# (student, teacher) dtype pairs the dtype tests run over.
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float16, torch.float32),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.float16),
+]
+
+
+def pair_id(dtypes) -> str:
+    """pytest id of a DTYPE_PAIRS entry, e.g. 'bfloat16-float32'."""
+    return f"{dtypes[0]}-{dtypes[1]}".replace("torch.", "")
+
 
 def logits(shape: Sequence[int], dtype=torch.float32, device="cpu", scale: float = 3.0,
            requires_grad: bool = False) -> torch.Tensor:

@@ -8,12 +8,14 @@ import pytest
 import torch
 from fp64_reference import ref_kd_loss, ref_loss_and_grads
 from kd_helpers import (
+    DTYPE_PAIRS,
     assert_close_fp32,
     assert_grad_close_fp32,
     check_against_reference,
     fp32_tolerances,
     labels_for,
     logits,
+    pair_id,
 )
 
 import kdfast
@@ -289,23 +291,7 @@ def test_non_contiguous_labels(device):
 
 # ----------------------------------------------------------------------------- dtypes
 
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float32, torch.bfloat16),
-    (torch.float16, torch.float32),
-    (torch.float32, torch.float16),
-    (torch.bfloat16, torch.float16),
-]
-
-
-def _pair_id(dtypes):
-    return f"{dtypes[0]}-{dtypes[1]}".replace("torch.", "")
-
-
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_pair_id)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=pair_id)
 @pytest.mark.parametrize("temperature", (0.5, 1.0, 4.0))
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_dtypes(device, dtypes, divergence, temperature):

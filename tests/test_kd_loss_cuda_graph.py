@@ -156,16 +156,9 @@ def test_no_host_synchronisation(divergence):
     assert torch.isfinite(s.grad.float()).all() and torch.isfinite(t.grad).all()
 
 
-@pytest.fixture
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("divergence", ("forward_kl", "jsd"))
 def test_compile_reduce_overhead_training_step(divergence):
     """A linear student head + kd_loss compiled with CUDA graphs (reduce-overhead), several

@@ -678,14 +678,7 @@ def test_scale_grad_per_row_leading_shape(device):
 # ----------------------------------------------------------------------------- torch.compile
 
 
-@pytest.fixture
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("backend", ("aot_eager", "inductor"))
 def test_compile_step_with_backward_inside(device, backend):
     """The loss and its backward in one compiled function (autograd ops traced)."""
@@ -720,7 +713,7 @@ def test_compile_step_with_backward_inside(device, backend):
         assert_grad_close_fp32(gt, ref_gt, "compiled grad_teacher")
 
 
-@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compile_reduction_none_retain_graph(device):
     compiled = torch.compile(
         lambda s, t, y: kdfast.kd_loss(s, t, y, temperature=0.5, alpha=0.3, reduction="none"),

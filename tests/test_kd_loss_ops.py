@@ -17,7 +17,7 @@ from kd_helpers import (
 
 import kdfast
 
-pytestmark = pytest.mark.usefixtures("needs_extension")
+pytestmark = pytest.mark.usefixtures("needs_extension", "fresh_dynamo")
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 CODES = {name: i for i, name in enumerate(DIVERGENCES)}
@@ -170,11 +170,6 @@ def test_gradcheck_ops_directly(device, divergence):
 # ----------------------------------------------------------------------------- torch.compile
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

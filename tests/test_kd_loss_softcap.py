@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from fp64_reference import ref_kd_loss, ref_kd_loss_rows, ref_loss_and_grads, soft_cap
 from kd_helpers import (
+    DTYPE_PAIRS,
     assert_close_fp32,
     assert_grad_close_fp32,
     check_against_reference,
     fp32_tolerances,
     labels_for,
     logits,
+    pair_id,
 )
 
 import kdfast
@@ -170,23 +172,7 @@ def test_softcap_long_rows(device, divergence):
                             grad_output=torch.randn(2, device=device), softcap=30.0)
 
 
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float32, torch.bfloat16),
-    (torch.float16, torch.float32),
-    (torch.float32, torch.float16),
-    (torch.bfloat16, torch.float16),
-]
-
-
-def _pair_id(dtypes):
-    return f"{dtypes[0]}-{dtypes[1]}".replace("torch.", "")
-
-
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_pair_id)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=pair_id)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_softcap_dtypes(device, dtypes, divergence):
     # cap 5 for pairs with a bfloat16 side, 30 (at a scale of 40) for the others
@@ -442,14 +428,7 @@ def test_softcap_gradcheck_float64(device, divergence, reduction):
     assert torch.autograd.gradcheck(fn, (s, t), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.fixture
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("backend", ("aot_eager", "inductor"))
 def test_softcap_compile_fullgraph(device, backend):
     def step(student, teacher, labels, weights):
