@@ -95,7 +95,12 @@ def reduce_rows(rows: torch.Tensor, labels: torch.Tensor | None, ignore_index: i
     total = rows.sum()
     if reduction == "sum":
         return total
+    return total / batchmean_count(labels, rows.numel(), ignore_index)
+
+
+def batchmean_count(labels: torch.Tensor | None, rows: int, ignore_index: int) -> int | torch.Tensor:
+    """The divisor of ``batchmean``: the counted rows, at least 1 (a tensor when labels
+    decide it, so the count stays on the device)."""
     if labels is None:
-        return total / max(rows.numel(), 1)
-    counted = (labels != ignore_index).sum().clamp_(min=1)
-    return total / counted
+        return max(rows, 1)
+    return (labels != ignore_index).sum().clamp_(min=1)

@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from kdfast._args import batchmean_count
+
 _STATS_COLS = 7
 _REDUCTION_NONE = 2
 
@@ -102,11 +104,7 @@ def _row_weights(grad_loss: torch.Tensor, labels, rows_shape, ignore_index: int,
     if reduction == _REDUCTION_NONE:
         return grad_loss
     if reduction == 0:  # batchmean
-        if labels is None:
-            count = max(math.prod(rows_shape), 1)
-        else:
-            count = (labels != ignore_index).sum().clamp_(min=1).to(grad_loss.dtype)
-        grad_loss = grad_loss / count
+        grad_loss = grad_loss / batchmean_count(labels, math.prod(rows_shape), ignore_index)
     return grad_loss.expand(rows_shape)
 
 
