@@ -98,32 +98,31 @@ inline acc_t hmax(const Vectorized<acc_t>& v) {
 // at::vec's exp_u20 is about 1.2e-6) in five FMAs, and the 2^n scaling
 // that turns everything below about -88 (-inf included) into exactly 0. NaN lanes give
 // a finite value; rows holding NaN never reach here (the max pass flags them).
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;  // ln 2 = kLn2Hi + kLn2Lo, n * kLn2Hi exact for |n| < 2^15
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr int kExpPolyTerms = 6;  // exp(r) on |r| <= ln2 / 2, highest degree first
+constexpr float kExpPoly[kExpPolyTerms] = {8.2880296e-3f, 4.1898429e-2f, 1.6667673e-1f,
+                                           4.9999145e-1f, 9.9999970e-1f, 1.0f};
+
 inline Vectorized<float> exp_nonpositive(const Vectorized<float>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 x = _mm512_max_ps(v, _mm512_set1_ps(-104.0f));  // 2^-150 scaling rounds to 0
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(8.2880296e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1898429e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6667673e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999145e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.9999970e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < kExpPolyTerms; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   return _mm512_scalef_ps(p, n);
 #elif defined(CPU_CAPABILITY_AVX2)
   const __m256 x = _mm256_max_ps(v, _mm256_set1_ps(-88.0f));  // n <= -127 makes 2^n exactly 0
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(8.2880296e-3f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1898429e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6667673e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.9999145e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.9999970e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < kExpPolyTerms; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 #else

@@ -356,10 +356,12 @@ KDFAST_HD KlPair<acc_t> jsd_groups(const s_t* s, const t_t* t, const RowGroups& 
 
 // The label of a counted row, checked on the device: an invalid one trips a device-side
 // assertion and is never used as an index (the row's loss is NaN if asserts are off).
+KDFAST_HD bool label_in_range(const KdLossParams& p, int64_t row) {
+  return p.labels == nullptr || (p.labels[row] >= 0 && p.labels[row] < p.vocab);
+}
+
 KDFAST_HD bool label_ok(const KdLossParams& p, int64_t row) {
-  if (p.labels == nullptr) return true;
-  const int64_t y = p.labels[row];
-  const bool ok = y >= 0 && y < p.vocab;
+  const bool ok = label_in_range(p, row);
 #ifdef __CUDA_ARCH__
   CUDA_KERNEL_ASSERT_MSG(ok, "kd_loss: labels must be in [0, V) or equal ignore_index");
 #endif
@@ -836,8 +838,7 @@ __global__ void __launch_bounds__(kMaxForwardThreads, 1)
         }
       }
       if (rank == 0 && threadIdx.x == 0) write_row<div, kCap, s_t>(p, row, st, kl, k);
-      const bool valid = p.labels == nullptr || (p.labels[row] >= 0 && p.labels[row] < vocab);
-      if (!defined || !valid) {
+      if (!defined || !label_in_range(p, row)) {  // rank 0 reports the label (write_row)
         const acc_t nan = acc_t(NAN);
         r = RowStats<acc_t>{nan, nan, nan, nan, nan, nan, nan};
       }
