@@ -35,14 +35,23 @@ def env_flag(name: str, default: str) -> str:
     return os.environ.get(name, default).strip().lower()
 
 
-# Per-instruction-set kernel files and the flags each needs (x86-64 only).
-ISA_SOURCES = {
-    "AVX2": ("csrc/cpu/kd_loss_kernel_avx2.cpp", ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"]),
-    "AVX512": (
-        "csrc/cpu/kd_loss_kernel_avx512.cpp",
-        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
-    ),
+# Flags of the per-instruction-set kernel files csrc/cpu/*_kernel_<isa>.cpp (x86-64 only);
+# every other csrc/*.cpp and csrc/cpu/*.cpp is portable.
+ISA_FLAGS = {
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mbmi",
+               "-mbmi2"],
 }
+
+
+def isa_sources(isa: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob(f"*_kernel_{isa.lower()}.cpp"))
+
+
+def portable_sources() -> list[str]:
+    isa_files = {f for isa in ISA_FLAGS for f in isa_sources(isa)}
+    files = sorted(CSRC.glob("*.cpp")) + sorted((CSRC / "cpu").glob("*.cpp"))
+    return [s for s in (str(p.relative_to(ROOT)) for p in files) if s not in isa_files]
 
 
 def cuda_archs() -> list[str]:
@@ -87,17 +96,11 @@ def make_extension():
     cxx = opt + ["-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
                  "-Wno-maybe-uninitialized"]  # at::vec reductions trip it spuriously
 
-    sources = [
-        "csrc/kdfast.cpp",
-        "csrc/build_info.cpp",
-        "csrc/kd_loss.cpp",
-        "csrc/cpu/kd_loss.cpp",
-        "csrc/cpu/kd_loss_kernel_default.cpp",
-    ]
+    sources = portable_sources()
     isa_objects = {}
     if platform.machine().lower() in ("x86_64", "amd64") and env_flag("KDFAST_CPU_ISA", "auto") != "none":
-        for isa, (src, flags) in ISA_SOURCES.items():
-            isa_objects[isa] = (src, flags)
+        for isa, flags in ISA_FLAGS.items():
+            isa_objects[isa] = (isa_sources(isa), flags)
             define_macros.append((f"KDFAST_CPU_{isa}", "1"))
 
     extra = {"cxx": cxx}
@@ -149,10 +152,10 @@ def make_build_ext(cpp_extension):
         """
 
         def build_extension(self, ext):
-            for isa, (src, flags) in getattr(ext, "kdfast_isa_objects", {}).items():
+            for isa, (srcs, flags) in getattr(ext, "kdfast_isa_objects", {}).items():
                 cxx = list(ext.extra_compile_args["cxx"]) + flags
                 objects = self.compiler.compile(
-                    [src],
+                    srcs,
                     output_dir=os.path.join(self.build_temp, isa.lower()),
                     macros=ext.define_macros,
                     include_dirs=ext.include_dirs,

@@ -4,7 +4,7 @@
 # scratch copy of the sources (the CPU build in the checkout is left alone), imports it,
 # and fails unless every kdfast op has a CUDA kernel registered. The build runs with
 # KDFAST_PTXAS_VERBOSE=1 and .ci/ptxas_report.py prints registers, stack and spills of
-# every kernel from its log; a kd_loss kernel that spills registers fails the check.
+# every kernel from its log; a kdfast kernel that spills registers fails the check.
 #
 # Usage: bash .ci/cuda_check.sh [VENV]
 #   VENV                 virtual environment with the CUDA torch (default .ci-cuda-venv;
@@ -114,7 +114,10 @@ if not C.with_cuda:
 if hasattr(torch._C, "_dispatch_get_all_op_names"):
     ops = sorted(o for o in torch._C._dispatch_get_all_op_names() if o.startswith("kdfast::"))
 else:  # older torch: the ops this build defines
-    ops = ["kdfast::kd_loss_forward", "kdfast::kd_loss_backward"]
+    ops = [f"kdfast::{name}" for name in ("kd_loss_fused", "kd_loss_backward", "kd_loss_scale_grad_",
+                                          "dkd_loss_fused", "dkd_loss_backward", "feature_loss_fused",
+                                          "feature_loss_backward", "attention_transfer_fused",
+                                          "attention_transfer_backward")]
 if not ops:
     sys.exit("cuda_check: no kdfast ops are registered")
 missing = []

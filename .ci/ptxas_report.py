@@ -10,7 +10,7 @@ prints one row per kernel instantiation and architecture: the demangled name (vi
 arguments already tell instantiations apart, the parameter list are left out), the
 sm architecture, registers, stack frame bytes and spill store / load bytes.
 
-Exit status: 0 when no kernel whose demangled name contains ``kd_loss`` (change with
+Exit status: 0 when no kernel whose demangled name contains ``kdfast`` (change with
 ``--fail-on``) spills; 1 when one does (they are listed); 2 when the log has no
 ``ptxas -v`` output at all (built without ``KDFAST_PTXAS_VERBOSE=1``?) or cannot be read.
 
@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_FAIL_ON = "kd_loss"
+DEFAULT_FAIL_ON = "kdfast"
 
 _ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '([^']+)' for '(sm_\w+)'")
 _PROPERTIES = re.compile(r"ptxas info\s*: Function properties for (\S+)")

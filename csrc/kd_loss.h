@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "common.h"
 #include "kd_loss_math.h"
 
 namespace kdfast {
@@ -82,16 +83,10 @@ struct KdLossBackwardInputs {
 KdLossBackwardInputs prepare_kd_loss_backward(KdLossProblem& problem, const at::Tensor& grad_loss,
                                               const at::Tensor& stats);
 
-// Gradient-sized output (contiguous, like `like`), or an empty tensor when not wanted.
-at::Tensor empty_gradient_like(const at::Tensor& like, bool wanted);
-
 // Checks kd_loss_scale_grad_'s arguments; returns the number of rows of grad.
 int64_t check_scale_grad(const at::Tensor& grad, const at::Tensor& scale);
 
 // The error for a label outside [0, vocab) that is not ignore_index.
 [[noreturn]] void fail_label(int64_t row, int64_t label, int64_t vocab, int64_t ignore_index);
-
-// Leading shape of a [..., V] tensor, i.e. the shape of the per-row loss.
-c10::IntArrayRef row_shape(const at::Tensor& logits);
 
 }  // namespace kdfast

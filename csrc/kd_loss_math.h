@@ -2,29 +2,16 @@
 //
 // Scalar functions are C10_HOST_DEVICE, so the CPU kernels, the CUDA kernels and the
 // host code share them. Element-wise formulas are templates over an `Ops` policy: the
-// scalar policy below (float / double, host and device) and the CPU's at::vec policy
+// scalar policy of common_math.h (float / double, host and device) and the CPU's at::vec policy
 // (csrc/cpu/kd_loss_kernel.h), so the vectorised CPU loop and the CUDA thread compute
 // the same expression; a fix to a formula lands here once.
 #pragma once
 
-#include <c10/macros/Macros.h>
-
-#include <cmath>
-#include <cstdint>
-#include <limits>
-
-// Inlined everywhere: on CUDA a call that is not inlined goes through the ABI and
-// spills registers to local memory.
-#if defined(__CUDACC__)
-#define KDFAST_MATH_FN C10_HOST_DEVICE __forceinline__
-#else
-#define KDFAST_MATH_FN C10_HOST_DEVICE inline
-#endif
+#include "common_math.h"
 
 namespace kdfast {
 
 enum class Divergence : int64_t { ForwardKL = 0, ReverseKL = 1, JSD = 2 };
-enum class Reduction : int64_t { BatchMean = 0, Sum = 1, None = 2 };
 
 // Columns of the per-row statistics written by the forward and read by the backward.
 constexpr int64_t kStatsCols = 7;
@@ -32,58 +19,7 @@ enum StatsCol : int64_t {
   kMaxS = 0, kMaxT = 1, kLogZS = 2, kLogZT = 3, kLogZS1 = 4, kAuxS = 5, kAuxT = 6
 };
 
-// Where row r of a [..., V] tensor starts, in elements:
-//   (r / n_inner) * stride_outer + (r % n_inner) * stride_inner.
-// Two levels cover 2-D tensors and slices such as logits[:, :-1, :] without a copy.
-struct RowLayout {
-  int64_t n_inner = 1;
-  int64_t stride_outer = 0;
-  int64_t stride_inner = 0;
-
-  KDFAST_MATH_FN int64_t offset(int64_t row) const {
-    // Branch keeps the common 2-D case free of a 64-bit division.
-    if (n_inner == 1) return row * stride_outer;
-    return (row / n_inner) * stride_outer + (row % n_inner) * stride_inner;
-  }
-};
-
 namespace math {
-
-// ---------------------------------------------------------------------------------------
-// Scalar policy (float or double accumulators), host and device. IEEE functions only:
-// the build uses no fast-math, so expf / logf are accurate and denormals are kept on
-// CUDA; the formulas below are also safe where denormals flush to zero (FTZ / DAZ).
-
-template <typename acc_t>
-struct ScalarOps {
-  using Scalar = acc_t;
-  using V = acc_t;
-  using Mask = bool;
-  static KDFAST_MATH_FN V exp(V x) { return ::exp(x); }
-  static KDFAST_MATH_FN V log(V x) { return ::log(x); }
-  static KDFAST_MATH_FN V log1p(V x) { return ::log1p(x); }
-  static KDFAST_MATH_FN V tanh(V x) { return ::tanh(x); }
-  static KDFAST_MATH_FN V max(V a, V b) { return a > b ? a : b; }
-  static KDFAST_MATH_FN V min(V a, V b) { return a < b ? a : b; }
-  static KDFAST_MATH_FN Mask gt(V a, V b) { return a > b; }
-  static KDFAST_MATH_FN Mask lt(V a, V b) { return a < b; }
-  static KDFAST_MATH_FN Mask eq(V a, V b) { return a == b; }
-  static KDFAST_MATH_FN V select(Mask m, V a, V b) { return m ? a : b; }
-  static KDFAST_MATH_FN bool any(Mask m) { return m; }
-};
-template <>
-KDFAST_MATH_FN float ScalarOps<float>::exp(float x) { return ::expf(x); }
-template <>
-KDFAST_MATH_FN float ScalarOps<float>::log(float x) { return ::logf(x); }
-template <>
-KDFAST_MATH_FN float ScalarOps<float>::log1p(float x) { return ::log1pf(x); }
-template <>
-KDFAST_MATH_FN float ScalarOps<float>::tanh(float x) { return ::tanhf(x); }
-
-template <typename acc_t>
-KDFAST_MATH_FN acc_t neg_inf() {
-  return -std::numeric_limits<acc_t>::infinity();
-}
 
 // ---------------------------------------------------------------------------------------
 // Element-wise formulas, generic over the policy (V is a scalar or a SIMD vector).

@@ -30,7 +30,50 @@ TORCH_LIBRARY(kdfast, m) {
       "-> (Tensor grad_student, Tensor grad_teacher)");
   // grad[r, :] *= scale[r] (or the one value of scale), in place; rows whose scale is
   // exactly 1 are not touched, so the common backward of a kept gradient moves no data.
+  // Used by the kept-gradient backward of every fused op (kdfast/ops/_kept.py).
   m.def("kd_loss_scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+
+  // Every fused op below follows kd_loss_fused's contract: (reduced loss, O(rows)
+  // statistics, d loss / d student, d loss / d teacher), the gradients computed in the
+  // same pass as the loss for the inputs flagged (empty tensors otherwise) at an incoming
+  // gradient of 1; its *_backward recomputes them from the statistics.
+
+  // Decoupled KD (Zhao et al., CVPR 2022): alpha * TCKD + beta * NCKD, both times T^2,
+  // per row of [..., V] logits with an int64 target per row (reduction: 0 batchmean,
+  // 1 sum, 2 none; rows whose label is ignore_index contribute 0 and are not counted).
+  m.def(
+      "dkd_loss_fused(Tensor student, Tensor teacher, Tensor labels, float alpha, float beta, "
+      "float temperature, int ignore_index, int reduction, bool student_requires_grad, "
+      "bool teacher_requires_grad) -> (Tensor loss, Tensor stats, Tensor grad_student, Tensor grad_teacher)");
+  // grad_loss: the gradient of each row's loss, [rows] (the reduction's weights included).
+  m.def(
+      "dkd_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor labels, Tensor stats, "
+      "float alpha, float beta, float temperature, int ignore_index, bool student_requires_grad, "
+      "bool teacher_requires_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+
+  // Feature matching per row of [..., D] features (kind: 0 mse, 1 l1, 2 smooth_l1 with
+  // beta 1, 3 cosine = 1 - cosine similarity; normalize: L2-normalise both rows first;
+  // mask: bool [...] selecting rows; reduction: 0 mean, 1 sum, 2 none).
+  m.def(
+      "feature_loss_fused(Tensor student, Tensor teacher, Tensor? mask, int kind, bool normalize, "
+      "int reduction, bool student_requires_grad, bool teacher_requires_grad) "
+      "-> (Tensor loss, Tensor stats, Tensor grad_student, Tensor grad_teacher)");
+  // grad_loss: the gradient of each row's loss, [rows] (the reduction's weights included).
+  m.def(
+      "feature_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? mask, Tensor stats, "
+      "int kind, bool normalize, bool student_requires_grad, bool teacher_requires_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
+
+  // Attention transfer (Zagoruyko & Komodakis, ICLR 2017) of one pair of [N, C, H, W]
+  // feature maps (channel counts may differ): mean((a(s) - a(t))^2) over N * H * W with
+  // a(x) = normalize(mean_C |x|^p) over the H * W positions of each sample.
+  m.def(
+      "attention_transfer_fused(Tensor student, Tensor teacher, float p, bool student_requires_grad, "
+      "bool teacher_requires_grad) -> (Tensor loss, Tensor stats, Tensor grad_student, Tensor grad_teacher)");
+  // grad_loss: 0-dim.
+  m.def(
+      "attention_transfer_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, float p, "
+      "bool student_requires_grad, bool teacher_requires_grad) -> (Tensor grad_student, Tensor grad_teacher)");
 }
 
 #ifndef KDFAST_NO_PYTHON

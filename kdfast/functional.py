@@ -6,19 +6,9 @@ import torch
 
 from kdfast import _extension, reference
 from kdfast._args import DIVERGENCES, REDUCTIONS, check_options, check_tensors
+from kdfast.ops._kept import gradient_in_forward
 
 __all__ = ["DIVERGENCES", "REDUCTIONS", "kd_loss"]
-
-
-def _gradient_in_forward(x: torch.Tensor) -> bool:
-    """Whether the forward pass computes (and keeps) the gradient of ``x``.
-
-    Yes when autograd will need it, except for float16: a float16 gradient kept at
-    scale 1 loses its small entries to underflow before the backward multiplies in the
-    loss scale (``torch.amp.GradScaler``), so float16 gradients are recomputed in the
-    backward, where the scale is known (one more read of the inputs).
-    """
-    return torch.is_grad_enabled() and x.requires_grad and x.dtype != torch.float16
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -90,8 +80,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         loss, _, _, _ = torch.ops.kdfast.kd_loss_fused(
             student_logits, teacher_logits, labels, float(temperature), float(alpha), div_code,
             float(beta), ignore_index, 0.0 if softcap is None else float(softcap),
-            REDUCTIONS.index(reduction), _gradient_in_forward(student_logits),
-            _gradient_in_forward(teacher_logits))
+            REDUCTIONS.index(reduction), gradient_in_forward(student_logits),
+            gradient_in_forward(teacher_logits))
         return loss
     _extension.warn_fallback(student_logits.device.type)
     return reference.kd_loss(student_logits, teacher_logits, labels, temperature=temperature,

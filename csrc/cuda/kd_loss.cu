@@ -48,23 +48,38 @@
 
 #include "../kd_loss.h"
 #include "../kd_loss_math.h"
+#include "common.cuh"
 
 #ifndef CUDA_KERNEL_ASSERT_MSG
 #define CUDA_KERNEL_ASSERT_MSG(cond, msg) CUDA_KERNEL_ASSERT(cond)
 #endif
 
 namespace kdfast {
+namespace math {
+
+// Warp shuffle of the running row sums, found by block_allreduce (common.cuh) through
+// argument-dependent lookup.
+template <typename acc_t>
+__device__ __forceinline__ RowSums<acc_t> shfl_xor(const RowSums<acc_t>& v, int mask) {
+  RowSums<acc_t> r;
+  r.max_s = __shfl_xor_sync(0xffffffffu, v.max_s, mask);
+  r.max_t = __shfl_xor_sync(0xffffffffu, v.max_t, mask);
+  r.z_s = __shfl_xor_sync(0xffffffffu, v.z_s, mask);
+  r.z_t = __shfl_xor_sync(0xffffffffu, v.z_t, mask);
+  r.z_s1 = __shfl_xor_sync(0xffffffffu, v.z_s1, mask);
+  r.w = __shfl_xor_sync(0xffffffffu, v.w, mask);
+  return r;
+}
+
+}  // namespace math
+
 namespace cuda {
 namespace {
-
-// Helpers are host-device so the per-thread math can also be exercised on the host.
-#define KDFAST_HD __host__ __device__ __forceinline__
 
 using math::RowConsts;
 using math::RowStats;
 using math::RowSums;
 
-constexpr int kWarp = 32;
 constexpr int kMaxForwardThreads = 512;
 constexpr int kMaxWarps = kMaxForwardThreads / kWarp;
 constexpr int kMaxBackwardThreads = 256;
@@ -97,8 +112,6 @@ struct RowGroups {
   bool vec_t, vec_gs, vec_gt;  // the student is on the grid by construction
 };
 
-KDFAST_HD bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 template <int VEC, typename s_t, typename t_t>
 KDFAST_HD RowGroups row_groups(int64_t vocab, const s_t* s, const t_t* t, const s_t* gs, const t_t* gt) {
   const int64_t head = static_cast<int64_t>((reinterpret_cast<uintptr_t>(s) & 15u) / sizeof(s_t));
@@ -125,60 +138,6 @@ KDFAST_HD GroupRange split_range(int64_t count, int splits, int64_t split) {
 template <int VEC>
 KDFAST_HD bool full_group(int64_t lo, int64_t vocab) {
   return lo >= 0 && lo + VEC <= vocab;
-}
-
-// The raw elements of one group, kept in the input dtype until used (fewer registers
-// than converting on load, so more loads stay in flight).
-template <typename T, int VEC>
-struct alignas(16) Group {
-  T e[VEC];
-};
-
-// Loads the group starting at element lo of row; missing elements read as -inf, which
-// every formula treats as masked vocabulary (zero probability, zero contribution).
-// vec: the group is full and on the 16-byte grid.
-template <int VEC, typename T>
-KDFAST_HD void load_group(const T* __restrict__ row, int64_t lo, int64_t vocab, bool full, bool vec,
-                          Group<T, VEC>& out) {
-  constexpr int kChunks = VEC * static_cast<int>(sizeof(T)) / 16;
-  static_assert(kChunks * 16 == VEC * static_cast<int>(sizeof(T)), "a group is whole 16-byte vectors");
-  if (full && vec) {
-    const uint4* src = reinterpret_cast<const uint4*>(row + lo);
-    uint4* dst = reinterpret_cast<uint4*>(out.e);
-#ifdef __CUDA_ARCH__
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) dst[c] = __ldg(src + c);
-#else
-    assert((reinterpret_cast<uintptr_t>(src) & 15u) == 0);  // host simulation: vector loads stay aligned
-    for (int c = 0; c < kChunks; ++c) dst[c] = src[c];
-#endif
-  } else if (full) {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) out.e[k] = row[lo + k];
-  } else {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const int64_t j = lo + k;
-      out.e[k] = (j >= 0 && j < vocab) ? row[j] : static_cast<T>(-INFINITY);
-    }
-  }
-}
-
-template <int VEC, typename T>
-KDFAST_HD void store_group(T* __restrict__ row, int64_t lo, int64_t begin, int64_t end, bool full, bool vec,
-                           const Group<T, VEC>& v) {
-  if (full && vec) {
-    uint4* dst = reinterpret_cast<uint4*>(row + lo);
-    const uint4* src = reinterpret_cast<const uint4*>(v.e);
-#pragma unroll
-    for (int c = 0; c < VEC * static_cast<int>(sizeof(T)) / 16; ++c) dst[c] = src[c];
-  } else {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const int64_t j = lo + k;
-      if (j >= begin && j < end) row[j] = v.e[k];
-    }
-  }
 }
 
 // The (capped) logit of one raw element, in acc_t.
@@ -237,37 +196,8 @@ struct KlPair {
 };
 
 template <typename acc_t>
-__device__ __forceinline__ RowSums<acc_t> shfl_xor(const RowSums<acc_t>& v, int mask) {
-  RowSums<acc_t> r;
-  r.max_s = __shfl_xor_sync(0xffffffffu, v.max_s, mask);
-  r.max_t = __shfl_xor_sync(0xffffffffu, v.max_t, mask);
-  r.z_s = __shfl_xor_sync(0xffffffffu, v.z_s, mask);
-  r.z_t = __shfl_xor_sync(0xffffffffu, v.z_t, mask);
-  r.z_s1 = __shfl_xor_sync(0xffffffffu, v.z_s1, mask);
-  r.w = __shfl_xor_sync(0xffffffffu, v.w, mask);
-  return r;
-}
-
-template <typename acc_t>
 __device__ __forceinline__ KlPair<acc_t> shfl_xor(const KlPair<acc_t>& v, int mask) {
   return {__shfl_xor_sync(0xffffffffu, v.pm, mask), __shfl_xor_sync(0xffffffffu, v.qm, mask)};
-}
-
-// Reduces v over the block; every thread gets the result. Needs every thread of the block
-// (blockDim.x a multiple of 32, at most kMaxForwardThreads); smem holds kMaxWarps values.
-// The order of the reduction is fixed, so results are bitwise reproducible.
-template <typename T, typename Op>
-__device__ __forceinline__ T block_allreduce(T v, const Op& op, T* smem) {
-#pragma unroll
-  for (int mask = kWarp / 2; mask > 0; mask >>= 1) v = op(v, shfl_xor(v, mask));
-  const int warp = threadIdx.x / kWarp;
-  if (threadIdx.x % kWarp == 0) smem[warp] = v;
-  __syncthreads();
-  T r = smem[0];
-  const int warps = blockDim.x / kWarp;
-  for (int i = 1; i < warps; ++i) r = op(r, smem[i]);
-  __syncthreads();  // smem is reused by the next reduction
-  return r;
 }
 
 // ---------------------------------------------------------------------------------------
