@@ -2,8 +2,8 @@
 # Everything worth checking on a GPU machine, in one command (`make gpu-check`), without
 # network access: builds kdfast against the installed CUDA torch (for this GPU's
 # architecture, with the ptxas register / spill report), runs the CUDA tests,
-# compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over every kd_loss code
-# path, a bitwise determinism check and the CUDA benchmark. Every step runs even when an
+# compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over every code path of
+# every op, a bitwise determinism check and the CUDA benchmark. Every step runs even when an
 # earlier one failed; the results land in benchmarks/results/<gpu>/gpu-check/ (short
 # logs and gpu_check.md, the summary) and the benchmark in benchmarks/results/<gpu>/.
 #
@@ -165,7 +165,7 @@ if (( ALL_TESTS )); then
   keep_log "$LOGS/tests-rest.log" "$CHECK/pytest-rest.log" 80
 fi
 
-# --- c. compute-sanitizer over every kd_loss code path ---------------------------------
+# --- c. compute-sanitizer over every code path of every op ---------------------------------
 QUICK_ARGS=()
 (( QUICK )) && QUICK_ARGS=(--quick)
 step_sanitize() {
@@ -176,12 +176,17 @@ step_sanitize() {
   fi
   # Without the caching allocator every tensor is its own allocation, so memcheck sees
   # an access past a tensor's end instead of landing in a neighbour in the same block.
+  local rc=0
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${TIMEOUT[@]}" "$SANITIZER" --tool "$tool" --error-exitcode 1 \
-    "$PY" scripts/gpu_sanitize_cases.py --device cuda -v "${QUICK_ARGS[@]}"
+    "$PY" scripts/gpu_sanitize_cases.py --device cuda -v "${QUICK_ARGS[@]}" || rc=$?
+  # dkd_loss, feature_loss and attention_transfer_loss
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${TIMEOUT[@]}" "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+    "$PY" scripts/gpu_sanitize_ops.py --device cuda -v "${QUICK_ARGS[@]}" || rc=$?
+  return $rc
 }
 detail_sanitize() {
   { grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$1" | tail -n 1
-    grep -E '^gpu_sanitize_cases:|compute-sanitizer not found' "$1" | tail -n 1; } | paste -sd ';' -
+    grep -E '^gpu_sanitize_(cases|ops):|compute-sanitizer not found' "$1" | tail -n 2; } | paste -sd ';' -
 }
 step_sanitize_streaming() { (export KDFAST_CUDA_STAGED=0; step_sanitize memcheck); }
 for tool in memcheck racecheck synccheck initcheck streaming; do
@@ -193,7 +198,7 @@ for tool in memcheck racecheck synccheck initcheck streaming; do
   fi
   # the sanitizer's reports, each with the case line printed before it, and the verdicts
   if [[ -f $LOGS/sanitize-$tool.log ]]; then
-    grep -B1 -E '^(=========|FAIL |gpu_sanitize_cases:|compute-sanitizer not found)' \
+    grep -B1 -E '^(=========|FAIL |gpu_sanitize_(cases|ops):|compute-sanitizer not found)' \
       "$LOGS/sanitize-$tool.log" | head -n 400 > "$CHECK/sanitize-$tool.log"
   fi
 done

@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""Small calls of ``dkd_loss``, ``feature_loss`` and ``attention_transfer_loss`` that walk
+the code paths of their kernels, for compute-sanitizer (``gpu_sanitize_cases.py`` does the
+same for ``kd_loss``)::
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/gpu_sanitize_ops.py -v
+    python3 scripts/gpu_sanitize_ops.py --device cpu        # the same cases on the CPU kernels
+
+The cases cover row widths with vector-width remainders (1, 7, 8, 9, 33, 1025, 4099),
+every (student, teacher) dtype pair and fp64, views (rows sliced off, a one-element
+storage offset, transposed leading dimensions, channels_last feature maps), every
+option of each op (kinds, normalize, masks with some / no selected rows, reductions,
+ignored labels, p), forward only and forward + backward (student; grad_output != 1;
+student and teacher; teacher only; a second backward with ``retain_graph=True``).
+
+Every case is checked against a float64 plain-PyTorch formula on the CPU, written here
+from the definitions (loss, gradients, zero gradients outside the views), so a kernel
+that reads the wrong memory without faulting still shows up. Exit status: 0 when every
+case passes, 1 when one fails (each is listed), 2 when kdfast has no kernels for the
+device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+import kdfast
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+PAIRS = [(s, t) for s in ("fp32", "fp16", "bf16") for t in ("fp32", "fp16", "bf16")] + [("fp64", "fp64")]
+WIDTHS = (1, 7, 8, 9, 33, 1025, 4099)
+GRAD_MODES = ("bwd", "bwd_scaled", "teacher", "teacher_only", "retain")
+MODES = ("fwd", *GRAD_MODES)
+OPS = {"dkd": "dkd_loss_fused", "feature": "feature_loss_fused", "attention": "attention_transfer_fused"}
+
+
+# ---------------------------------------------------------------------------
+# float64 references, from the definitions
+# ---------------------------------------------------------------------------
+
+
+def ref_dkd(s, t, labels, alpha, beta, temperature, ignore_index, reduction):
+    s, t = s / temperature, t / temperature
+    keep = labels != ignore_index
+    y = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    target = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, y, True)
+    ls, lt = s.log_softmax(-1), t.log_softmax(-1)
+    # (target, non-target) log-probabilities; the non-target one as a logsumexp
+    bs = torch.stack([ls.gather(-1, y).squeeze(-1), ls.masked_fill(target, -math.inf).logsumexp(-1)], -1)
+    bt = torch.stack([lt.gather(-1, y).squeeze(-1), lt.masked_fill(target, -math.inf).logsumexp(-1)], -1)
+    tckd = (bt.exp() * (bt - bs)).sum(-1)
+    ns = s.masked_fill(target, -math.inf).log_softmax(-1)
+    nt = t.masked_fill(target, -math.inf).log_softmax(-1)
+    nckd = torch.where(target, 0.0, nt.exp() * (nt - ns)).sum(-1)
+    rows = torch.where(keep, temperature**2 * (alpha * tckd + beta * nckd), 0.0)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / keep.sum().clamp(min=1)
+
+
+def ref_feature(s, t, mask, kind, normalize, reduction):
+    if normalize:
+        s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    if kind == "cosine":
+        rows = 1 - F.cosine_similarity(s, t, dim=-1)
+        per = 1
+    else:
+        fn = {"mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}[kind]
+        rows = fn(s, t, reduction="none").sum(-1)
+        per = s.shape[-1]
+    if mask is not None:
+        rows = torch.where(mask, rows, 0.0)
+    if reduction == "none":
+        return rows
+    count = rows.numel() if mask is None else int(mask.sum())
+    return rows.sum() if reduction == "sum" else rows.sum() / max(count * per, 1)
+
+
+def ref_attention(s, t, p):
+    def att(x):
+        return F.normalize(x.abs().pow(p).mean(1).flatten(1), dim=1)
+
+    return (att(s) - att(t)).pow(2).mean()
+
+
+# ---------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str                # dkd | feature | attention
+    shape: tuple           # student shape as the op sees it
+    student: str
+    teacher: str
+    mode: str
+    layout: str = "contiguous"  # contiguous | rows_offset | element_offset | transposed | channels_last
+    options: tuple = ()    # (name, value) pairs passed to the op
+    teacher_channels: int = 0  # attention: teacher C (0: the student's)
+    extra: tuple = field(default=())  # dkd: ("ignore", "some"|"all"); feature: ("mask", "some"|"none")
+
+    @property
+    def name(self) -> str:
+        opts = " ".join(f"{k}={v}" for k, v in self.options + self.extra)
+        return (f"{self.op} {'x'.join(map(str, self.shape))} {self.student}/{self.teacher} {self.mode} "
+                f"{self.layout} {opts}").strip()
+
+    @property
+    def wants(self) -> tuple:
+        return {"fwd": (True, False), "bwd": (True, False), "bwd_scaled": (True, False),
+                "teacher": (True, True), "teacher_only": (False, True), "retain": (True, True)}[self.mode]
+
+
+def make_cases() -> list:
+    cases = []
+    leads = ((3,), (1,), (2, 3), (5,))
+    layouts_2d = ("contiguous", "rows_offset", "element_offset")
+    for i, ((s, t), width) in enumerate(itertools.product(PAIRS, WIDTHS)):
+        lead = leads[i % len(leads)]
+        layout = ("transposed" if len(lead) == 2 and i % 2 else layouts_2d[i % 3])
+        mode = MODES[i % len(MODES)]
+        reduction = ("batchmean", "sum", "none")[i % 3]
+        if width >= 2:
+            cases.append(Case("dkd", (*lead, width), s, t, mode, layout,
+                              (("alpha", (1.0, 0.5)[i % 2]), ("beta", (8.0, 2.0)[(i // 2) % 2]),
+                               ("temperature", (4.0, 1.0)[(i // 3) % 2]), ("reduction", reduction)),
+                              extra=(("ignore", ("none", "some", "all")[i % 3]),)))
+        kind = ("mse", "l1", "smooth_l1", "cosine")[i % 4]
+        cases.append(Case("feature", (*lead, width), s, t, mode, layout,
+                          (("kind", kind), ("normalize", bool((i // 4) % 2)),
+                           ("reduction", ("mean", "sum", "none")[i % 3])),
+                          extra=(("mask", ("none", "some", "empty")[(i // 2) % 3]),)))
+    for i, ((s, t), hw) in enumerate(itertools.product(PAIRS, ((1, 1), (7, 5), (8, 8), (9, 13)))):
+        cases.append(Case("attention", ((1, 2, 3)[i % 3], (1, 3, 16)[i % 3], *hw), s, t, MODES[i % len(MODES)],
+                          ("contiguous", "channels_last", "rows_offset")[i % 3],
+                          (("p", (2.0, 1.0, 3.0, 2.5)[i % 4]),), teacher_channels=(0, 5)[i % 2]))
+    return cases
+
+
+def _view(layout: str, shape: tuple) -> tuple:
+    """(base shape, base -> the view the op sees, memory format of the base)."""
+    if layout == "contiguous":
+        return shape, lambda x: x, torch.contiguous_format
+    if layout == "rows_offset":
+        return (shape[0] + 1, *shape[1:]), lambda x: x[1:], torch.contiguous_format
+    if layout == "element_offset":
+        return (math.prod(shape) + 1,), lambda x: x[1:].view(shape), torch.contiguous_format
+    if layout == "transposed":
+        return (shape[1], shape[0], *shape[2:]), lambda x: x.transpose(0, 1), torch.contiguous_format
+    if layout == "channels_last":
+        return shape, lambda x: x, torch.channels_last
+    raise ValueError(layout)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> str | None:
+    got, want = got.detach().cpu().double(), want.detach().double()
+    if got.shape != want.shape:
+        return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if not torch.isfinite(got).all():
+        return "non-finite values"
+    if want.numel() == 0:
+        return None
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item()
+    return None if err <= rtol * scale + 1e-12 else f"max error {err:.3g} (largest value {scale:.3g})"
+
+
+TOL = {"fp64": 1e-9, "fp32": 2e-4, "fp16": 4e-3, "bf16": 2e-2}
+
+
+def run_case(case: Case, device: str, seed: int) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    opts = dict(case.options)
+    extra = dict(case.extra)
+    t_shape = case.shape
+    if case.op == "attention" and case.teacher_channels:
+        t_shape = (case.shape[0], case.teacher_channels, *case.shape[2:])
+    inputs = []
+    for which, shape in (("student", case.shape), ("teacher", t_shape)):
+        base_shape, view_of, fmt = _view(case.layout, shape)
+        base = (2 * torch.randn(base_shape, generator=gen)).to(DTYPES[getattr(case, which)])
+        if fmt is torch.channels_last and base.dim() == 4:
+            base = base.contiguous(memory_format=fmt)
+        inputs.append((base, view_of))
+    lead = case.shape[:-1]
+    labels = mask = None
+    if case.op == "dkd":
+        labels = torch.randint(0, case.shape[-1], lead, generator=gen)
+        flat = labels.view(-1)
+        if extra["ignore"] == "all":
+            flat.fill_(-100)
+        elif extra["ignore"] == "some":
+            flat[::2] = -100
+    if case.op == "feature" and extra["mask"] != "none":
+        mask = torch.rand(lead, generator=gen) < (0.5 if extra["mask"] == "some" else -1.0)
+
+    need_s, need_t = case.wants
+    backwards = 2 if case.mode == "retain" else (0 if case.mode == "fwd" else 1)
+
+    def call(s, t, lab, msk):
+        if case.op == "dkd":
+            return kdfast.dkd_loss(s, t, lab, **opts)
+        if case.op == "feature":
+            return kdfast.feature_loss(s, t, mask=msk, **opts)
+        return kdfast.attention_transfer_loss(s, t, **opts)
+
+    per_row = opts.get("reduction") == "none"
+    weights = torch.rand(lead, generator=gen, dtype=torch.float64) + 0.5
+
+    def grad_output(like):
+        if per_row:
+            w = weights if case.mode == "bwd_scaled" else torch.ones(lead, dtype=torch.float64)
+        else:
+            w = torch.tensor(0.37 if case.mode == "bwd_scaled" else 1.0, dtype=torch.float64)
+        return w.to(device=like.device, dtype=like.dtype)
+
+    leaves = [b.to(device).requires_grad_(need) for (b, _), need in zip(inputs, (need_s, need_t))]
+    views = [v(leaf) for leaf, (_, v) in zip(leaves, inputs)]
+    dev = lambda x: None if x is None else x.to(device)  # noqa: E731
+    if case.mode == "fwd":
+        with torch.no_grad():
+            loss = call(*views, dev(labels), dev(mask))
+    else:
+        loss = call(*views, dev(labels), dev(mask))
+    for k in range(backwards):
+        loss.backward(grad_output(loss), retain_graph=k + 1 < backwards)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+    refs = [v(b).double().detach().requires_grad_(need and backwards > 0)
+            for (b, v), need in zip(inputs, (need_s, need_t))]
+    if case.op == "dkd":
+        ref = ref_dkd(*refs, labels, opts["alpha"], opts["beta"], opts["temperature"], -100, opts["reduction"])
+    elif case.op == "feature":
+        ref = ref_feature(*refs, mask, opts["kind"], opts["normalize"], opts["reduction"])
+    else:
+        ref = ref_attention(*refs, opts["p"])
+
+    problems = []
+    acc = "fp64" if case.student == "fp64" else "fp32"
+    if (why := _close(loss, ref, 1e-9 if acc == "fp64" else 5e-4)) is not None:
+        problems.append(f"loss: {why}")
+    if backwards:
+        ref.backward(grad_output(ref))
+    for name, leaf, (_, view_of), ref_leaf, needed in zip(("student", "teacher"), leaves, inputs, refs,
+                                                          (need_s, need_t)):
+        if not (needed and backwards):
+            if leaf.grad is not None:
+                problems.append(f"{name} got a gradient it did not ask for")
+            continue
+        if leaf.grad is None:
+            problems.append(f"{name}: no gradient")
+            continue
+        grad = leaf.grad.detach().cpu()
+        inside = torch.zeros(grad.shape, dtype=torch.bool)
+        view_of(inside).fill_(True)
+        if (grad[~inside] != 0).any():
+            problems.append(f"{name}: gradient written outside the view")
+        if (why := _close(view_of(grad), backwards * ref_leaf.grad, TOL[getattr(case, name)])) is not None:
+            problems.append(f"{name} gradient: {why}")
+    return problems
+
+
+def kernels_missing(device: str) -> list:
+    return [f"kdfast::{op}" for op in OPS.values() if not kdfast.has_kernel(op, device)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="default cuda")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--quick", action="store_true", help="every third case only")
+    p.add_argument("--list", action="store_true", help="print the cases and exit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print each case before it runs (attributes sanitizer reports to cases)")
+    args = p.parse_args(argv)
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        p.error(f"--ops: unknown {unknown} (choose from {', '.join(OPS)})")
+    cases = [c for c in make_cases() if c.op in ops]
+    if args.quick:
+        cases = cases[::3]
+    if args.list:
+        print("\n".join(c.name for c in cases))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_sanitize_ops: --device cuda but no CUDA GPU is available", file=sys.stderr)
+        return 2
+    missing = kernels_missing(args.device)
+    if missing:
+        print(f"gpu_sanitize_ops: no {args.device} kernel for {', '.join(missing)}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    failed = []
+    for i, case in enumerate(cases):
+        if args.verbose:
+            print(f"[{i + 1}/{len(cases)}] {case.name}", flush=True)
+        try:
+            problems = run_case(case, args.device, args.seed + i)
+        except Exception as exc:  # a crash in one case must not hide the others
+            problems = [f"raised {type(exc).__name__}: {exc}".splitlines()[0]]
+            if args.verbose:
+                traceback.print_exc()
+        if problems:
+            failed.append(case)
+            print(f"FAIL {case.name}: " + "; ".join(problems), flush=True)
+    print(f"gpu_sanitize_ops: {len(cases)} cases on {args.device}, {len(failed)} failed, "
+          f"{time.perf_counter() - start:.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
