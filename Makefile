@@ -25,11 +25,11 @@ demo: install  ## end-to-end check of kd_loss against the reference + a quick be
 test: install  ## the test suite (CUDA tests skip without a GPU)
 	$(PY) -m pytest -q tests
 
-bench: install  ## the full benchmark; results go to benchmarks/results/<machine>
-	$(PY) -m kdfast bench
+bench: install  ## the full kd_loss benchmark into ./kdfast-bench/<machine> (BENCH_ARGS="--op all": every op)
+	$(PY) -m kdfast bench $(BENCH_ARGS)
 
 bench-quick: install
-	$(PY) -m kdfast bench --quick
+	$(PY) -m kdfast bench --quick $(BENCH_ARGS)
 
 cuda-check:  ## compile + link the CUDA kernels against the CUDA build of torch (no GPU needed)
 	bash .ci/cuda_check.sh

@@ -17,20 +17,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from kdfast.bench import harness, kd_loss  # noqa: E402
+from kdfast.bench import common, kd_loss  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    kd_loss.add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.out is None:
-        device = kd_loss.resolve_device(args.device)
-        args.out = HERE / "results" / harness.machine_tag(harness.machine_info(device))
-    kd_loss.run(args)
-    return 0
+    return common.main_for(kd_loss.BENCH, argv, description=__doc__.split("\n\n")[0],
+                           default_out=common.machine_folder(HERE / "results"))
 
 
 if __name__ == "__main__":

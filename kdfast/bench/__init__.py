@@ -1,10 +1,35 @@
 """Benchmarks of kdfast against eager PyTorch, ``torch.compile`` and Liger-Kernel.
 
-``harness`` holds what every op's benchmark shares (timing, peak memory, copy
-bandwidth, machine description, CSV / markdown / PNG output); ``kd_loss`` the
-cases and providers of :func:`kdfast.kd_loss`. Run ``python -m kdfast bench --help``.
+``harness`` holds the measuring instruments and writers every benchmark shares
+(timing, peak memory, copy bandwidth, machine description, CSV / markdown / PNG);
+``common`` the driver (command line, run, loss check, targets); one module per op
+its cases, providers and targets: ``kd_loss``, ``feature_loss``,
+``attention_transfer``, ``dkd`` (the names of :data:`BENCHMARKS`, also the values
+of ``kdfast bench --op``). Run ``python -m kdfast bench --help``.
 
 Importing this package imports neither matplotlib nor the benchmarked libraries.
+
+Example::
+
+    >>> from kdfast import bench
+    >>> [b.op for b in bench.load_all()]
+    ['kd_loss', 'feature_loss', 'attention_transfer_loss', 'dkd_loss']
 """
 
-BENCHMARKS = ("kd_loss",)
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = ("kd_loss", "feature_loss", "attention_transfer", "dkd")
+
+
+def load(name: str):
+    """The :class:`kdfast.bench.common.OpBench` of the benchmark ``name`` (one of :data:`BENCHMARKS`)."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    return importlib.import_module(f"kdfast.bench.{name}").BENCH
+
+
+def load_all() -> list:
+    """Every benchmark's :class:`kdfast.bench.common.OpBench`, in the order of :data:`BENCHMARKS`."""
+    return [load(name) for name in BENCHMARKS]

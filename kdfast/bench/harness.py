@@ -1,5 +1,6 @@
 """Device-agnostic benchmark harness shared by every ``kdfast.bench.<op>`` module.
 
+(The command line and the run of an op's cases are in :mod:`kdfast.bench.common`.)
 It times a step function (median and 20th / 80th percentiles over repeats chosen
 by a time budget), measures the peak memory a step allocates beyond what existed
 before it, measures the copy bandwidth of the device, and writes the results as a
@@ -66,8 +67,9 @@ class Case:
     """One benchmark configuration (shape, dtype, mode) of one op on one device.
 
     ``min_bytes`` is the least memory traffic any implementation needs (used for
-    the achieved bandwidth); ``logits_bytes`` the size of one input / gradient
-    (memory is reported as a multiple of it).
+    the achieved bandwidth); ``logits_bytes`` the bytes of the student input, which
+    is the size of its gradient (memory is reported as a multiple of it, in the
+    ``extra_over_logits`` column; the names come from kd_loss, whose inputs are logits).
     """
 
     op: str
@@ -678,9 +680,14 @@ def _contention_mark(row: Row) -> str:
     return "" if math.isnan(busy) or busy <= CONTENTION_MARK_ABOVE else f" (!{100 * busy:.0f}%)"
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
+# (header, legend) of the column that puts the peak extra memory against the gradient size
+LOGITS_MEMORY_COLUMN = ("extra / logits",
+                        "that over the bytes of one `[N, V]` input (= the gradient)")
+
+
+def markdown_table(rows: Sequence[Row], *, memory_header: str = LOGITS_MEMORY_COLUMN[0]) -> str:
     head = ("| case | shape | dtype | mode | provider | median ms | p20 - p80 ms | x vs eager "
-            "| x vs compile | peak extra | extra / logits | GB/s | % copy BW | reps |")
+            f"| x vs compile | peak extra | {memory_header} | GB/s | % copy BW | reps |")
     lines = [head, "|" + " --- |" * 14]
     for r in rows:
         if r.status != "ok":
@@ -696,7 +703,12 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 
 def write_markdown(rows: Sequence[Row], path: Path, *, title: str, info: dict, copy_bw: float,
-                   notes: Sequence[str] = (), extra_sections: Sequence[str] = ()) -> None:
+                   notes: Sequence[str] = (), extra_sections: Sequence[str] = (),
+                   memory_column: tuple = LOGITS_MEMORY_COLUMN) -> None:
+    """The results page: machine and load, notes, the table, rows not measured or
+    flagged, then ``extra_sections`` (e.g. the targets). ``memory_column`` is the
+    (header, legend) of the memory-over-gradient column."""
+    memory_header, memory_legend = memory_column
     skipped = sorted({f"- **{r.provider}** skipped: {r.note}" for r in rows if r.status == "skipped"})
     errors = [f"- **{r.provider}** failed on {r.case} {r.shape} {r.dtype} {r.mode}: {r.note}"
               for r in rows if r.status == "error"]
@@ -711,10 +723,10 @@ def write_markdown(rows: Sequence[Row], path: Path, *, title: str, info: dict, c
     parts += [f"- {n}" for n in notes]
     parts += ["", "Median over the repeats; `x vs eager` / `x vs compile` = that provider's median "
               "divided by this one's (higher is faster); `peak extra` = peak memory allocated by one "
-              "call beyond its inputs (gradient included); `extra / logits` = that over the bytes of "
-              "one `[N, V]` input (= the gradient); `GB/s` = minimum traffic / median time; "
+              f"call beyond its inputs (gradient included); `{memory_header}` = {memory_legend}; "
+              "`GB/s` = minimum traffic / median time; "
               "`(!N%)` after a time = other processes took N% of the CPUs while that row ran.", "",
-              markdown_table(rows), ""]
+              markdown_table(rows, memory_header=memory_header), ""]
     if skipped or errors:
         parts += ["## Not measured", "", *skipped, *errors, ""]
     if flagged:
