@@ -212,13 +212,17 @@ keep_log "$LOGS/determinism.log" "$CHECK/determinism.log" 100
 step_bench() {
   local quick=()
   (( QUICK )) && quick=(--quick)
-  "${TIMEOUT[@]}" "$PY" -m kdfast bench --device cuda --out "$OUT" "${quick[@]}"
+  "${TIMEOUT[@]}" "$PY" -m kdfast bench --op all --device cuda --out "$OUT" "${quick[@]}"
 }
 detail_bench() {
-  local targets=$OUT/kd_loss.md
-  if [[ -f $targets ]] && grep -q '^## Targets' "$targets"; then
-    echo "targets: $(grep -c '| met |' "$targets") met, $(grep -c '\*\*missed\*\*' "$targets") missed," \
-         "$(grep -c '| not measured |' "$targets") not measured (see $targets)"
+  local met=0 missed=0 unmeasured=0 f
+  for f in "$OUT"/{kd_loss,feature_loss,attention_transfer,dkd}.md; do
+    [[ -f $f ]] && grep -q '^## Targets' "$f" || continue
+    met=$((met + $(grep -c '| met |' "$f"))); missed=$((missed + $(grep -c '\*\*missed\*\*' "$f")))
+    unmeasured=$((unmeasured + $(grep -c '| not measured |' "$f")))
+  done
+  if (( met + missed + unmeasured > 0 )); then
+    echo "targets: $met met, $missed missed, $unmeasured not measured (see $OUT/<op>.md)"
   else
     last_line "$1"
   fi
