@@ -16,14 +16,21 @@ from kdfast import reference
 from kdfast._extension import build_info, has_extension, has_kernel
 from kdfast.functional import DIVERGENCES, REDUCTIONS, kd_loss
 from kdfast.losses import KDLoss
+from kdfast.relational import PKTLoss, RKDLoss, SPLoss, pkt_loss, rkd_loss, sp_loss
 
 __all__ = [
     "DIVERGENCES",
     "REDUCTIONS",
     "KDLoss",
+    "PKTLoss",
+    "RKDLoss",
+    "SPLoss",
     "build_info",
     "has_extension",
     "has_kernel",
     "kd_loss",
+    "pkt_loss",
     "reference",
+    "rkd_loss",
+    "sp_loss",
 ]
