@@ -15,15 +15,24 @@ from kdfast import ops as _ops  # noqa: F401  (registers fake / autograd for the
 from kdfast import reference
 from kdfast._extension import build_info, has_extension, has_kernel
 from kdfast.functional import DIVERGENCES, REDUCTIONS, kd_loss
+from kdfast.hint import HintLoss
 from kdfast.losses import KDLoss
+from kdfast.relational import PKTLoss, RKDLoss, SPLoss, pkt_loss, rkd_loss, sp_loss
 
 __all__ = [
     "DIVERGENCES",
     "REDUCTIONS",
+    "HintLoss",
     "KDLoss",
+    "PKTLoss",
+    "RKDLoss",
+    "SPLoss",
     "build_info",
     "has_extension",
     "has_kernel",
     "kd_loss",
+    "pkt_loss",
     "reference",
+    "rkd_loss",
+    "sp_loss",
 ]
