@@ -7,6 +7,10 @@ of a batch to each other, not the teacher's features themselves.
   ECCV 2018).
 - :func:`sp_loss` / :class:`SPLoss`: similarity-preserving KD (Tung & Mori, ICCV 2019).
 
+:func:`rkd_loss` and :func:`pkt_loss` follow the conventions of the widely used published
+implementations of these losses and give the same numbers: means over the full ``N x N``
+(``N x N x N``) relation matrices, degenerate entries included (see their docstrings).
+
 These are plain PyTorch (no custom op): the work is batch-by-batch matrix products that
 cuBLAS / MKL already run well, on ``N x N`` (and ``N x N x N`` for angles) relations.
 Student and teacher features may have different widths; only the batch size ``N`` must
@@ -65,20 +69,22 @@ def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.flatten(1).to(dtype)
 
 
-def _safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
-    """``1 / x`` where ``x > 0``, 0 elsewhere, with finite gradients at 0 (the inner
-    ``where`` keeps ``1 / 0`` out of the graph, so no ``0 * inf`` in the backward)."""
+def _safe_reciprocal(x: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """``1 / max(x, floor)`` where ``x > 0``, 0 elsewhere, with finite gradients at 0 (the
+    inner ``where`` keeps ``1 / 0`` out of the graph, so no ``0 * inf`` in the backward)."""
     positive = x > 0
-    return torch.where(positive, 1.0 / torch.where(positive, x, torch.ones_like(x)),
-                       torch.zeros_like(x))
+    safe = torch.where(positive, x, torch.ones_like(x))
+    if floor > 0:
+        safe = safe.clamp_min(floor)
+    return torch.where(positive, 1.0 / safe, torch.zeros_like(x))
 
 
 def _normalize_rows(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """Each row divided by ``max(||row||, eps)``; all-zero rows stay zero (gradient 0)."""
+    """``x / max(||x||, eps)`` along the last dim. An exactly-zero vector stays zero with a
+    zero gradient (the subgradient at the kink, rather than the ``1 / eps``-scaled derivative
+    of the clamped formula, which would blow up the gradient of coincident points)."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    if eps > 0:
-        norm = norm.clamp_min(eps)
-    return x * _safe_reciprocal(norm)
+    return x * _safe_reciprocal(norm, eps)
 
 
 def _check_weight(fn: str, name: str, value: object) -> float:
@@ -108,29 +114,39 @@ def _check_eps(fn: str, eps: object) -> float:
 
 # ----------------------------------------------------------------------------- RKD
 
-def _rkd_relations(x: torch.Tensor, angles: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Distance potentials ``[N, N]`` and, if ``angles``, angle potentials ``[N, N, N]`` of
-    the rows of ``x`` ``[N, D]`` with their ``i == k`` diagonal ``[N, N]``.
+_RKD_SQ_DIST_FLOOR = 1e-12   # off-diagonal squared distances are clamped here before the sqrt
+_RKD_NORM_EPS = 1e-12        # norm floor of the normalised differences (angle term)
 
-    ``diff[j, i] = x_i - x_j`` is formed exactly (a Gram-matrix ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j``
-    would cancel catastrophically for close points and leave coincident ones at a rounding
-    residue instead of 0). ``cos[j, i, k]`` is the Gram matrix of the normalised differences
-    around each anchor ``j``: one batched matmul, never an ``N x N x N x D`` tensor. Its
-    diagonal ``cos[j, i, i] = |unit[j, i]|^2`` is returned as the constant it is (1, or 0
-    for a coincident pair; its gradient is 0, the normalisation removes the radial
-    direction), so taking it out of a sum costs ``O(N^2)``, not an ``N^3`` buffer.
+
+def _rkd_distances(diff: torch.Tensor) -> torch.Tensor:
+    """Distance potentials ``[N, N]`` from the pairwise differences ``diff`` ``[N, N, D]``.
+
+    ``D[j, i] = sqrt(max(|x_i - x_j|^2, 1e-12))`` off the diagonal, exactly 0 on it, divided
+    by the mean of its strictly positive entries (every off-diagonal one, as the clamp keeps
+    them >= 1e-6; none for ``N < 2``, where the potentials are all 0). The squared distances
+    come from the exact differences, not from ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j``, which cancels
+    catastrophically for close points; where both agree (distances well above rounding) the
+    numbers are the same. Below the clamp the gradient is 0 (no ``sqrt`` at 0 in the graph).
     """
-    n = x.shape[0]
-    diff = x.unsqueeze(0) - x.unsqueeze(1)                  # [N(j), N(i), D]
-    dist = torch.linalg.vector_norm(diff, dim=-1)           # [N, N], dist[j, i] = |x_i - x_j|
-    mean_dist = dist.sum() / max(n * (n - 1), 1)            # mean over the distinct pairs
-    potentials = dist * _safe_reciprocal(mean_dist)
-    if not angles:
-        return potentials, None, None
-    unit = diff * _safe_reciprocal(dist).unsqueeze(-1)      # coincident pairs -> zero vector
-    cos = torch.bmm(unit, unit.transpose(1, 2))             # [N(j), N(i), N(k)]
-    return potentials, cos, (dist > 0).to(x.dtype)
+    n = diff.shape[0]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=diff.device)
+    sq = diff.square().sum(dim=-1).clamp_min(_RKD_SQ_DIST_FLOOR)
+    dist = torch.where(off_diagonal, sq.sqrt(), torch.zeros_like(sq))
+    positive = dist > 0
+    # mean over the positive entries as device tensors (no data-dependent shape, no sync);
+    # the non-positive entries are exactly 0, so the full sum is the sum of the positive ones
+    mean = dist.sum() / positive.sum().clamp_min(1).to(dist.dtype)
+    return dist * _safe_reciprocal(mean)
+
+
+def _rkd_angles(diff: torch.Tensor) -> torch.Tensor:
+    """Angle potentials ``[N, N, N]``: ``cos[j, i, k] = <e_ji, e_jk>`` with
+    ``e_ji = (x_i - x_j) / max(|x_i - x_j|, 1e-12)`` (``diff[j, i] = x_i - x_j``), one batched
+    Gram matrix of the normalised differences around each anchor ``j`` (never an
+    ``N x N x N x D`` tensor). A zero difference (``i == j``, or coincident points) gives the
+    zero vector, hence cosine 0, with a zero gradient."""
+    unit = _normalize_rows(diff, _RKD_NORM_EPS)
+    return torch.bmm(unit, unit.transpose(1, 2))
 
 
 def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, *,
@@ -138,37 +154,51 @@ def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, *,
     r"""Relational knowledge distillation (Park et al., "Relational Knowledge Distillation",
     CVPR 2019): the student matches the teacher's pairwise distances and triplet angles.
 
-    With ``x`` the student rows and ``y`` the teacher rows (``N`` samples), ``d_ij = |x_i - x_j|``,
-    the distance potential divides by the mean over the ``N(N-1)/2`` distinct pairs::
+    With ``x`` the rows of one side (``N`` samples; the same for the student and the teacher),
+    the distance potentials are the ``[N, N]`` matrix::
 
-        psi_D(i, j) = d_ij / mean_{a<b} d_ab
-        L_D = mean over pairs i != j of smooth_l1(psi_D^s(i, j) - psi_D^t(i, j))
+        D_ij  = sqrt(max(|x_i - x_j|^2, 1e-12))   for i != j,      D_ii = 0
+        psi_D = D / mean(D_ij over the entries with D_ij > 0)
+        L_D   = 1/N^2 * sum over ALL i, j of smooth_l1(psi_D^s(i, j) - psi_D^t(i, j))
 
-    and the angle potential is the cosine of the angle at ``j`` of each triplet::
+    and the angle potentials the ``[N, N, N]`` tensor of cosines at ``j``::
 
-        psi_A(i, j, k) = < (x_i - x_j) / |x_i - x_j| , (x_k - x_j) / |x_k - x_j| >
-        L_A = mean over triplets with i, j, k distinct of smooth_l1(psi_A^s - psi_A^t)
+        e_ji  = (x_i - x_j) / max(|x_i - x_j|, 1e-12)             (0 when x_i == x_j)
+        psi_A(j, i, k) = <e_ji, e_jk>
+        L_A   = 1/N^3 * sum over ALL j, i, k of smooth_l1(psi_A^s(j, i, k) - psi_A^t(j, i, k))
 
     ``smooth_l1`` is the Huber loss with ``beta = 1`` (``0.5 z^2`` for ``|z| < 1``, else
     ``|z| - 0.5``), and the loss is ``distance_weight * L_D + angle_weight * L_A`` (the
-    defaults 25 and 50 are the paper's). Pair and triplet means skip the degenerate entries
-    ``i == j`` (and ``i == k``), so they do not dilute the loss with zeros.
+    defaults 25 and 50 are the paper's). These are the conventions of the widely used
+    published implementations, and the numbers are the same: the means run over the full
+    matrices, degenerate entries included. The diagonal ``D_ii`` (0 on both sides) and the
+    angles with ``i == j`` or ``k == j`` (0 on both sides) add 0 but count in the means;
+    ``psi_A(j, i, i) = |e_ji|^2`` is 1 (0 for a coincident pair), so it adds 0 unless ``x_i``
+    and ``x_j`` coincide on exactly one side.
 
     Conventions:
 
-    - Too small a batch: ``L_D`` is 0 for ``N < 2`` and ``L_A`` is 0 for ``N < 3`` (no pairs /
-      triplets); the loss is still part of the graph, with zero gradients.
+    - Small batches give sensible values where the plain formulas would divide by zero
+      (an empty mean is NaN): ``N = 0`` gives 0, and so does ``N = 1`` (no positive
+      distance, so ``psi_D = 0``; the single angle entry is 0 on both sides). ``N = 2`` has
+      ``psi_D = 1`` off the diagonal on both sides, and its only nonzero angles are the
+      ``i == k`` ones (1 on both sides for distinct points), so with distinct points ``L_D``
+      and ``L_A`` are 0 up to rounding: RKD needs ``N >= 3`` to teach anything. The loss
+      stays part of the graph (zero gradients where it is constant).
     - Coincident points (``x_i == x_j``, e.g. repeated samples or dead embeddings): their
-      distance is 0 and their "direction" is the zero vector, so every angle with that pair
-      as a leg has cosine 0. The gradient there is the zero subgradient, never NaN. When all
-      points coincide, ``psi_D`` is 0.
+      distance is clamped to ``1e-6`` (it still counts as positive in the mean) and their
+      difference normalises to the zero vector, so every angle with that pair as a leg is 0.
+      The gradient there is 0, never NaN: the clamp stops it for the distances, and the
+      exactly-zero difference gets the zero subgradient for the angles (the literal
+      ``v / max(|v|, 1e-12)`` would have a ``1e12``-scaled derivative there).
     - The teacher is not detached: gradients reach ``teacher_emb`` when it requires grad.
       Detach it (or run the teacher under ``torch.no_grad()``) for a frozen teacher.
 
-    Cost: the pairwise differences ``[N, N, D]`` (exact, not from a Gram matrix), the
-    angle cosines ``[N, N, N]`` as one batched matmul of the normalised differences
-    (``O(N^3 D)`` flops, ``O(N^2 D + N^3)`` memory per side; never ``N^3 x D``). With
-    ``angle_weight=0`` only ``O(N^2 D)``.
+    Cost: the pairwise differences ``[N, N, D]`` per side (exact, not from a Gram matrix),
+    the distances ``[N, N]`` and the cosines ``[N, N, N]`` as one batched matmul of the
+    normalised differences (``O(N^3 D)`` flops, ``O(N^2 D + N^3)`` memory per side, plus the
+    ``[N, N, N]`` smooth-L1 terms; never ``N^3 x D``). With ``angle_weight=0`` only
+    ``O(N^2 D)``.
 
     Args:
         student_emb: ``[N, Ds]`` (or ``[N, ...]``, flattened), float32 / float16 / bfloat16
@@ -192,23 +222,20 @@ def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, *,
     _check_batch_pair("rkd_loss", "student_emb", student_emb, "teacher_emb", teacher_emb)
     dtype = _compute_dtype(student_emb, teacher_emb)
     n = student_emb.shape[0]
-    angles = aw > 0 and n >= 3
-    dist_s, cos_s, diag_s = _rkd_relations(_rows(student_emb, dtype), angles)
-    dist_t, cos_t, diag_t = _rkd_relations(_rows(teacher_emb, dtype), angles)
-    # zero, but part of the graph: a batch too small for any term still back-propagates (zeros)
-    loss = (dist_s.sum() + dist_t.sum()) * 0.0
+    x_s, x_t = _rows(student_emb, dtype), _rows(teacher_emb, dtype)
+    diff_s = x_s.unsqueeze(0) - x_s.unsqueeze(1)            # [N(j), N(i), D]: x_i - x_j
+    diff_t = x_t.unsqueeze(0) - x_t.unsqueeze(1)
+    terms = []
     if dw > 0:
-        # The diagonal is exactly 0 on both sides, so summing the full matrix adds nothing.
-        pair_sum = F.smooth_l1_loss(dist_s, dist_t, reduction="sum", beta=1.0)
-        loss = loss + dw * (pair_sum / max(n * (n - 1), 1))
-    if angles:
-        assert cos_s is not None and cos_t is not None and diag_s is not None and diag_t is not None
-        # Entries with i == j or k == j are 0 on both sides (zero difference vector); the
-        # i == k diagonal (cosine 1, or 0 for a coincident pair) is taken out explicitly.
-        all_sum = F.smooth_l1_loss(cos_s, cos_t, reduction="sum", beta=1.0)
-        diag_sum = F.smooth_l1_loss(diag_s, diag_t, reduction="sum", beta=1.0)
-        loss = loss + aw * ((all_sum - diag_sum) / (n * (n - 1) * (n - 2)))
-    return loss
+        # means over all N^2 / N^3 entries, as sums over max(count, 1): N = 0 gives 0, not NaN
+        pair_sum = F.smooth_l1_loss(_rkd_distances(diff_s), _rkd_distances(diff_t),
+                                    reduction="sum", beta=1.0)
+        terms.append(dw * (pair_sum / max(n * n, 1)))
+    if aw > 0:
+        triplet_sum = F.smooth_l1_loss(_rkd_angles(diff_s), _rkd_angles(diff_t),
+                                       reduction="sum", beta=1.0)
+        terms.append(aw * (triplet_sum / max(n * n * n, 1)))
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 class RKDLoss(nn.Module):
@@ -237,12 +264,14 @@ class RKDLoss(nn.Module):
 # ----------------------------------------------------------------------------- PKT
 
 def _pkt_conditional(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``p[i, j] = p_{j|i}`` ``[N, N]`` from the cosine kernel of the rows of ``x``."""
-    n = x.shape[0]
-    unit = _normalize_rows(x, eps)
-    kernel = ((unit @ unit.t() + 1.0) * 0.5).clamp_min(0.0)   # rounding can dip below 0
-    kernel = kernel.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), 0.0)
-    return kernel * _safe_reciprocal(kernel.sum(dim=1, keepdim=True))
+    """``P[i, j]`` ``[N, N]``: the cosine kernel of the rows of ``x``, self-pairs included,
+    each row divided by its sum."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)   # gradient 0 at a zero row
+    unit = x / (norm + eps)                                   # eps > 0: never 0 / 0
+    # rounding can leave a cosine a few ulps below -1; the clamp keeps log(K + eps) finite
+    kernel = ((unit @ unit.t() + 1.0) * 0.5).clamp_min(0.0)
+    # every row sum is >= K_ii = (1 + |u_i|^2) / 2 >= 1/2: no division by zero
+    return kernel / kernel.sum(dim=1, keepdim=True)
 
 
 def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
@@ -250,27 +279,31 @@ def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, *, eps: float = 1e-7)
     Probabilistic Knowledge Transfer", ECCV 2018): the student matches the teacher's
     distribution of neighbours, estimated with a cosine-similarity kernel.
 
-    For each side, with rows ``x_i`` (``N`` samples) and ``u_i = x_i / max(|x_i|, eps)``::
+    For each side, with rows ``x_i`` (``N`` samples)::
 
-        K_ij    = (1 + <u_i, u_j>) / 2                    (in [0, 1])
-        p_{j|i} = K_ij / sum_{k != i} K_ik                (j != i; self-pairs excluded)
-        loss    = 1/N * sum_i sum_{j != i} p^t_{j|i} * log((p^t_{j|i} + eps) / (p^s_{j|i} + eps))
+        u_i  = x_i / (|x_i| + eps)
+        K_ij = (1 + <u_i, u_j>) / 2                   (all i, j, the diagonal included)
+        P_ij = K_ij / sum_k K_ik                      (each row divided by its sum)
+        loss = 1/N^2 * sum over ALL i, j of P^t_ij * log((P^t_ij + eps) / (P^s_ij + eps))
 
-    i.e. ``KL(P_teacher || P_student)`` of each sample's conditional distribution, summed over
-    the neighbours ``j`` and averaged over the anchors ``i`` (as ``batchmean`` does for
-    :func:`kdfast.kd_loss`); ``eps`` keeps the logarithm finite where a probability is 0.
-    Formulations that keep the self-pair ``j == i`` (whose kernel is always 1) and average
-    over all ``N^2`` entries give different numbers.
+    i.e. ``KL(teacher || student)`` of each row's distribution, with ``eps`` smoothing the
+    logarithm, averaged over all ``N^2`` entries (``torch.mean`` of the full matrix). These
+    are the conventions of the widely used published implementations, and the numbers are
+    the same: the self-pairs ``j == i`` (``K_ii`` = 1 for a nonzero row) stay in the rows,
+    and the divisor is ``N^2``, not ``N``.
 
-    Conventions: ``N < 2`` gives 0 (no neighbours); an all-zero feature row has cosine 0 with
-    every other row; a row whose kernel sums to 0 (possible only for ``N = 2``, antipodal
-    points) gets an all-zero distribution. The teacher is not detached (gradients reach it
-    when it requires grad). Cost: two ``[N, N]`` kernels (matmuls), ``O(N^2 + N D)`` memory.
+    Conventions: an all-zero feature row has ``u_i = 0`` (``eps > 0``, so no ``0 / 0``; the
+    NaN the published code zeroes never arises), hence ``K_ij = 1/2`` for every ``j``;
+    its gradient is the derivative of ``x / (|x| + eps)`` at 0, ``1 / eps`` times the
+    identity, finite. Every row sum is at least ``K_ii >= 1/2``, so no division by zero.
+    ``N = 0`` gives 0 (not the NaN of an empty mean), ``N = 1`` gives 0 (``P = [[1]]`` on
+    both sides). The teacher is not detached (gradients reach it when it requires grad).
+    Cost: two ``[N, N]`` kernels (matmuls), ``O(N^2 + N D)`` memory.
 
     Args:
         student: ``[N, Ds]`` (or ``[N, ...]``, flattened), any float dtype.
         teacher: ``[N, Dt]`` (or ``[N, ...]``); ``Dt`` may differ from ``Ds``.
-        eps: > 0, the norm floor and the smoothing inside the logarithm.
+        eps: > 0, added to the norms and inside the logarithm (default ``1e-7``).
 
     Returns:
         0-dim float32 tensor (float64 if an input is float64).
@@ -289,8 +322,8 @@ def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, *, eps: float = 1e-7)
     n = student.shape[0]
     p_s = _pkt_conditional(_rows(student, dtype), eps)
     p_t = _pkt_conditional(_rows(teacher, dtype), eps)
-    kl = p_t * (torch.log(p_t + eps) - torch.log(p_s + eps))   # self-pairs: p_t == 0 -> 0
-    return kl.sum() / max(n, 1)
+    kl = p_t * torch.log((p_t + eps) / (p_s + eps))
+    return kl.sum() / max(n * n, 1)     # the mean over all N^2 entries; N = 0 gives 0
 
 
 class PKTLoss(nn.Module):

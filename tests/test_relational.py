@@ -1,14 +1,18 @@
 """Relational losses (rkd_loss, pkt_loss, sp_loss and their modules) against independent
-float64 references written as explicit loops over pairs and triplets, hand-checked small
-cases, gradcheck, degenerate batches, low-precision dtypes, bad arguments and
-torch.compile(fullgraph=True)."""
+float64 references written as explicit loops over pairs and triplets, a second independent
+formulation written the way the widely used published implementations compute rkd / pkt
+(Gram-matrix pdist, batched matmul of normalised differences, means over the full
+matrices), hand-checked small cases, gradcheck, degenerate batches, low-precision dtypes,
+bad arguments and torch.compile(fullgraph=True)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kdfast
 
@@ -18,26 +22,45 @@ DEVICES = [pytest.param("cpu", id="cpu"), CUDA]
 
 
 # ----------------------------------------------------------------------------- references
-# Written from the papers' formulas, one pair / triplet at a time, in float64. Coincident
-# points follow the documented convention (distance 0, direction the zero vector), decided
-# with Python branches so autograd sees constants there.
+# Written from the formulas, one entry at a time, in float64, with the means over ALL
+# entries of the relation matrices (degenerate ones included). Clamps and coincident points
+# are decided with Python branches, so autograd sees constants there (zero gradients).
 
 def _smooth_l1(z: torch.Tensor) -> torch.Tensor:
     a = z.abs()
     return 0.5 * z * z if float(a.detach()) < 1.0 else a - 0.5
 
 
-def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _rkd_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Off-diagonal RKD distance: sqrt(max(|a - b|^2, 1e-12))."""
     sq = ((a - b) ** 2).sum()
-    return sq.sqrt() if float(sq.detach()) > 0 else sq * 0
+    return sq.sqrt() if float(sq.detach()) > 1e-12 else sq * 0 + math.sqrt(1e-12)
+
+
+def _unit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a - b) / max(|a - b|, 1e-12), the zero vector when a == b."""
+    v = a - b
+    sq = (v * v).sum()
+    if float(sq.detach()) == 0:
+        return v * 0
+    norm = sq.sqrt()
+    return v / norm if float(norm.detach()) > 1e-12 else v / 1e-12
 
 
 def _cos_at(xi: torch.Tensor, xj: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
-    u, v = xi - xj, xk - xj
-    nu, nv = _dist(xi, xj), _dist(xk, xj)
-    if float(nu.detach()) == 0 or float(nv.detach()) == 0:
-        return (u * v).sum() * 0
-    return (u * v).sum() / (nu * nv)
+    """Cosine at xj of the triplet (xi, xj, xk); any i, j, k (degenerate ones included)."""
+    return (_unit(xi, xj) * _unit(xk, xj)).sum()
+
+
+def _rkd_potentials(x: torch.Tensor) -> dict:
+    n = x.shape[0]
+    d = {(i, j): _rkd_dist(x[i], x[j]) if i != j else x.sum() * 0
+         for i in range(n) for j in range(n)}
+    positive = [v for v in d.values() if float(v.detach()) > 0]
+    if not positive:
+        return {key: v * 0 for key, v in d.items()}
+    mean = sum(positive) / len(positive)
+    return {key: v / mean for key, v in d.items()}
 
 
 def ref_rkd(s: torch.Tensor, t: torch.Tensor, distance_weight: float = 25.0,
@@ -45,49 +68,74 @@ def ref_rkd(s: torch.Tensor, t: torch.Tensor, distance_weight: float = 25.0,
     dw, aw = distance_weight, angle_weight
     s, t = s.flatten(1).double(), t.flatten(1).double()
     n = s.shape[0]
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     loss = s.sum() * 0 + t.sum() * 0
-    if pairs and dw:
-        ds = [_dist(s[i], s[j]) for i, j in pairs]
-        dt = [_dist(t[i], t[j]) for i, j in pairs]
-        mu_s, mu_t = sum(ds) / len(pairs), sum(dt) / len(pairs)
-        terms = []
-        for a, b in zip(ds, dt):
-            pa = a / mu_s if float(mu_s.detach()) > 0 else a * 0
-            pb = b / mu_t if float(mu_t.detach()) > 0 else b * 0
-            terms.append(_smooth_l1(pa - pb))
-        loss = loss + dw * sum(terms) / len(terms)
-    # unordered {i, k} around each anchor j: the same mean as over ordered triplets
-    triplets = [(i, j, k) for j in range(n) for i in range(n) for k in range(i + 1, n)
-                if j not in (i, k)]
-    if triplets and aw:
+    if dw and n:
+        ps, pt = _rkd_potentials(s), _rkd_potentials(t)
+        loss = loss + dw * sum(_smooth_l1(ps[key] - pt[key]) for key in ps) / n**2
+    if aw and n:
         terms = [_smooth_l1(_cos_at(s[i], s[j], s[k]) - _cos_at(t[i], t[j], t[k]))
-                 for i, j, k in triplets]
-        loss = loss + aw * sum(terms) / len(terms)
+                 for j, i, k in itertools.product(range(n), repeat=3)]
+        loss = loss + aw * sum(terms) / n**3
     return loss
 
 
 def ref_pkt(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     def conditional(x):
         n = x.shape[0]
-        norms = [x[i].norm() for i in range(n)]
-        u = [x[i] / (norms[i] if float(norms[i].detach()) > eps else eps) for i in range(n)]
-        k = [[(1 + (u[i] * u[j]).sum()) / 2 for j in range(n)] for i in range(n)]
-        p = {}
+        u = []
         for i in range(n):
-            total = sum(k[i][j] for j in range(n) if j != i)
-            for j in range(n):
-                if j != i:
-                    p[i, j] = k[i][j] / total
-        return p
+            sq = (x[i] * x[i]).sum()
+            norm = sq.sqrt() if float(sq.detach()) > 0 else sq * 0
+            u.append(x[i] / (norm + eps))
+        k = [[(1 + (u[i] * u[j]).sum()) / 2 for j in range(n)] for i in range(n)]
+        return [[k[i][j] / sum(k[i]) for j in range(n)] for i in range(n)]
 
     s, t = s.flatten(1).double(), t.flatten(1).double()
     n = s.shape[0]
-    if n < 2:
+    if n == 0:
         return s.sum() * 0 + t.sum() * 0
     ps, pt = conditional(s), conditional(t)
-    kl = sum(pt[key] * torch.log((pt[key] + eps) / (ps[key] + eps)) for key in pt)
-    return kl / n
+    kl = sum(pt[i][j] * torch.log((pt[i][j] + eps) / (ps[i][j] + eps))
+             for i in range(n) for j in range(n))
+    return kl / n**2
+
+
+# The same two losses written the way the widely used published implementations compute
+# them (vectorised, whole matrices, torch.mean): a second, independent formulation.
+
+def published_rkd(s: torch.Tensor, t: torch.Tensor, distance_weight: float = 25.0,
+                  angle_weight: float = 50.0) -> torch.Tensor:
+    def pdist(e):
+        sq = e.pow(2).sum(dim=1)
+        d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * e @ e.t()).clamp(min=1e-12).sqrt()
+        d = d.clone()
+        d[range(len(e)), range(len(e))] = 0
+        return d
+
+    def distance_potentials(e):
+        d = pdist(e)
+        return d / d[d > 0].mean()
+
+    def angle_potentials(e):
+        diff = e.unsqueeze(0) - e.unsqueeze(1)
+        unit = F.normalize(diff, p=2, dim=2)
+        return torch.bmm(unit, unit.transpose(1, 2)).view(-1)
+
+    s, t = s.flatten(1), t.flatten(1)
+    loss_d = F.smooth_l1_loss(distance_potentials(s), distance_potentials(t))
+    loss_a = F.smooth_l1_loss(angle_potentials(s), angle_potentials(t))
+    return distance_weight * loss_d + angle_weight * loss_a
+
+
+def published_pkt(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    def similarity(x):
+        x = x / (torch.sqrt(torch.sum(x ** 2, dim=1, keepdim=True)) + eps)
+        x = torch.where(x != x, torch.zeros_like(x), x)
+        k = (torch.mm(x, x.transpose(0, 1)) + 1.0) / 2.0
+        return k / torch.sum(k, dim=1, keepdim=True)
+
+    k_s, k_t = similarity(s.flatten(1)), similarity(t.flatten(1))
+    return torch.mean(k_t * torch.log((k_t + eps) / (k_s + eps)))
 
 
 def ref_sp_pair(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -133,23 +181,69 @@ def test_rkd_matches_loop_reference(n, weights):
     _check_against_ref(kdfast.rkd_loss, ref_rkd, s, t, distance_weight=dw, angle_weight=aw)
 
 
+@pytest.mark.parametrize("n", [2, 3, 5, 9])
+@pytest.mark.parametrize("weights", [(25.0, 50.0), (1.0, 0.0), (0.0, 1.0)], ids=str)
+def test_rkd_matches_published_formulation(n, weights):
+    """Loss and gradients equal the Gram-matrix / bmm / full-mean formulation (float64),
+    and the loss agrees in float32 too."""
+    dw, aw = weights
+    s, t = torch.randn(n, 6) * 3, torch.randn(n, 4) + 2
+    _check_against_ref(kdfast.rkd_loss, published_rkd, s, t, rtol=1e-9, atol=1e-12,
+                       distance_weight=dw, angle_weight=aw)
+    torch.testing.assert_close(kdfast.rkd_loss(s, t, distance_weight=dw, angle_weight=aw),
+                               published_rkd(s, t, dw, aw), rtol=1e-4, atol=1e-6)
+
+
+def test_rkd_coincident_points_match_published_formulation():
+    """Repeated rows: the clamped distance 1e-6 counts as positive in the mean, and the
+    i == k angle of a pair that coincides on one side only counts 1/2 in the mean."""
+    s = torch.randn(6, 4, dtype=torch.float64)
+    s[3] = s[1]
+    s[5] = s[1]
+    t = torch.randn(6, 3, dtype=torch.float64)
+    t[2] = t[0]
+    for dw, aw in ((25.0, 50.0), (1.0, 0.0), (0.0, 1.0)):
+        torch.testing.assert_close(kdfast.rkd_loss(s, t, distance_weight=dw, angle_weight=aw),
+                                   published_rkd(s, t, dw, aw), rtol=1e-9, atol=1e-12)
+    # distance-only gradients agree as well (both clamp: zero gradient at the coincidence)
+    _check_against_ref(kdfast.rkd_loss, published_rkd, s, t, rtol=1e-9, atol=1e-12,
+                       distance_weight=1.0, angle_weight=0.0)
+
+
 def test_rkd_hand_checked():
     """Collinear student 0, 1, 2 against an equilateral teacher of side 1.
 
-    Distances: student (1, 2, 1) / mean 4/3 -> (3/4, 3/2, 3/4); teacher all 1. Smooth-L1 of
-    (-1/4, 1/2, -1/4) = (1/32, 1/8, 1/32), mean 1/16. Angles: student cosines 1 (at 0),
-    -1 (at 1), 1 (at 2); teacher 1/2 everywhere; smooth-L1 of (1/2, -3/2, 1/2) = (1/8, 1, 1/8),
-    mean 5/12. Loss = 25/16 + 50 * 5/12 = 1075/48.
+    Distances: student (1, 2, 1), each pair twice in the 3 x 3 matrix, mean of the six
+    positive entries 4/3 -> (3/4, 3/2, 3/4); teacher all 1. Smooth-L1 of (-1/4, 1/2, -1/4)
+    = (1/32, 1/8, 1/32), twice each: 3/8 over 9 entries, L_D = 1/24. Angles: student
+    cosines 1 (at 0), -1 (at 1), 1 (at 2); teacher 1/2 everywhere; smooth-L1 of
+    (1/2, -3/2, 1/2) = (1/8, 1, 1/8), twice each (i, k and k, i): 5/2; the 21 degenerate
+    entries add 0 (i == k: 1 on both sides; i == j or k == j: 0), so L_A = (5/2) / 27 = 5/54.
+    Loss = 25/24 + 50 * 5/54 = 1225/216.
     """
     s = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
     t = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]])
     torch.testing.assert_close(kdfast.rkd_loss(s, t, angle_weight=0.0, distance_weight=1.0),
-                               torch.tensor(1 / 16))
+                               torch.tensor(1 / 24))
     torch.testing.assert_close(kdfast.rkd_loss(s, t, distance_weight=0.0, angle_weight=1.0),
-                               torch.tensor(5 / 12))
-    torch.testing.assert_close(kdfast.rkd_loss(s, t), torch.tensor(1075 / 48))
+                               torch.tensor(5 / 54))
+    torch.testing.assert_close(kdfast.rkd_loss(s, t), torch.tensor(1225 / 216))
     torch.testing.assert_close(kdfast.RKDLoss()(s.double(), t.double()),
-                               torch.tensor(1075 / 48, dtype=torch.float64))
+                               torch.tensor(1225 / 216, dtype=torch.float64))
+
+
+def test_rkd_hand_checked_one_sided_coincidence():
+    """N = 2, student points coincide, teacher points do not. Distances: student 1e-6
+    (clamped) off the diagonal, normalised to 1 like the teacher's: L_D = 0. Angles: the
+    two i == k entries are |e|^2 = 0 for the student, 1 for the teacher, smooth-L1 1/2
+    each, over 8 entries: L_A = 1/8. The student gradient is 0 (no direction to follow)."""
+    s = torch.ones(2, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[0.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
+    assert kdfast.rkd_loss(s, t, angle_weight=0.0).item() == 0.0
+    loss = kdfast.rkd_loss(s, t, distance_weight=0.0, angle_weight=1.0)
+    assert loss.item() == pytest.approx(1 / 8, rel=1e-15)
+    loss.backward()
+    assert torch.count_nonzero(s.grad) == 0
 
 
 def test_rkd_similarity_invariance():
@@ -171,35 +265,43 @@ def test_rkd_gradcheck():
 
 def test_rkd_coincident_points():
     """Repeated rows: finite loss and gradients equal to the convention's (the reference
-    decides coincidence with explicit branches)."""
+    decides coincidence with explicit branches: zero gradient there)."""
     s = torch.randn(6, 4, dtype=torch.float64)
     s[3] = s[1]
     s[5] = s[1]
     t = torch.randn(6, 3, dtype=torch.float64)
     t[2] = t[0]
     _check_against_ref(kdfast.rkd_loss, ref_rkd, s, t)
-    # every student point the same: psi_D and all cosines are 0, gradients finite
+    # every student point the same: psi_D is 1 off the diagonal (clamped distances), all
+    # cosines 0; gradients 0
     s_same = torch.ones(5, 3, dtype=torch.float64, requires_grad=True)
     loss = kdfast.rkd_loss(s_same, t[:5])
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(s_same.grad).all()
+    assert torch.isfinite(loss) and torch.count_nonzero(s_same.grad) == 0
     torch.testing.assert_close(loss, ref_rkd(s_same.detach(), t[:5]))
+    torch.testing.assert_close(loss, published_rkd(s_same.detach(), t[:5]))
 
 
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_rkd_tiny_batches(n):
-    """N < 2: no pairs, N < 3: no triplets; those terms are 0 and gradients are zeros."""
+    """N = 0 and N = 1: 0 (where the plain means would be NaN), zero gradients. N = 2 with
+    distinct points: both terms 0 up to rounding (normalised distance 1 on both sides; the
+    only nonzero angles are the i == k ones, 1 on both sides)."""
     s = torch.randn(n, 4, requires_grad=True)
     t = torch.randn(n, 2)
     angle_only = kdfast.rkd_loss(s, t, distance_weight=0.0)
-    assert angle_only.item() == 0.0
     loss = kdfast.rkd_loss(s, t)
     loss.backward()
-    if n == 2:   # one pair: normalised distance 1 on both sides, up to rounding
+    assert s.grad is not None and s.grad.shape == s.shape
+    if n == 2:
+        assert angle_only.item() == pytest.approx(0.0, abs=1e-12)
         assert loss.item() == pytest.approx(0.0, abs=1e-6)
         assert float(s.grad.abs().max()) < 1e-6
+        torch.testing.assert_close(loss, published_rkd(s.detach(), t), rtol=0, atol=1e-6)
     else:
+        assert angle_only.item() == 0.0
         assert loss.item() == 0.0 and torch.count_nonzero(s.grad) == 0
+        torch.testing.assert_close(loss.double(), ref_rkd(s.detach(), t))
 
 
 def test_rkd_flattens_feature_maps():
@@ -210,20 +312,32 @@ def test_rkd_flattens_feature_maps():
 
 # ----------------------------------------------------------------------------- pkt_loss
 
-@pytest.mark.parametrize("n", [2, 3, 6])
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
 def test_pkt_matches_loop_reference(n):
     s, t = torch.randn(n, 5), torch.randn(n, 8)
     _check_against_ref(kdfast.pkt_loss, ref_pkt, s, t)
     _check_against_ref(kdfast.pkt_loss, ref_pkt, s, t, eps=1e-3)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_pkt_matches_published_formulation(n):
+    """Loss and gradients equal the full-matrix torch.mean formulation (float64), and the
+    loss agrees in float32 too."""
+    s, t = torch.randn(n, 7) * 5, torch.randn(n, 3) + 1
+    _check_against_ref(kdfast.pkt_loss, published_pkt, s, t, rtol=1e-9, atol=1e-14)
+    _check_against_ref(kdfast.pkt_loss, published_pkt, s, t, rtol=1e-9, atol=1e-14, eps=1e-3)
+    torch.testing.assert_close(kdfast.pkt_loss(s, t), published_pkt(s, t), rtol=1e-4,
+                               atol=1e-7)
+
+
 def test_pkt_hand_checked():
-    """Student e1, e2, e3: every kernel 1/2, so p = (1/2, 1/2) per row. Teacher e1, e1, e2:
-    kernels K01 = 1, K02 = K12 = 1/2, so rows 0 and 1 are (2/3, 1/3), row 2 is (1/2, 1/2).
-    Loss = (2 * (2/3 log(4/3) + 1/3 log(2/3)) + 0) / 3."""
+    """Student e1, e2, e3: K = 1 on the diagonal, 1/2 off it; rows (1/2, 1/4, 1/4) up to
+    order. Teacher e1, e1, e2: K rows (1, 1, 1/2), (1, 1, 1/2), (1/2, 1/2, 1), so P rows
+    (2/5, 2/5, 1/5) twice and (1/4, 1/4, 1/2), which equals the student's row 2. Rows 0 and
+    1 each give 3/5 log(4/5) + 2/5 log(8/5); the mean over the 9 entries is 2/9 of that."""
     s = torch.eye(3, dtype=torch.float64)
     t = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    expected = 2 * (2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3)) / 3
+    expected = 2 * (3 / 5 * math.log(4 / 5) + 2 / 5 * math.log(8 / 5)) / 9
     assert kdfast.pkt_loss(s, t).item() == pytest.approx(expected, abs=1e-6)   # eps shifts
     assert kdfast.pkt_loss(s, t, eps=1e-12).item() == pytest.approx(expected, rel=1e-9)
     assert kdfast.PKTLoss(eps=1e-12)(s, t).item() == pytest.approx(expected, rel=1e-9)
@@ -233,9 +347,11 @@ def test_pkt_gradcheck_and_scale_invariance():
     s = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     t = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: kdfast.pkt_loss(a, b), (s, t))
-    # per-row cosine kernel: scaling each sample does not change the loss
+    # per-row cosine kernel: scaling each sample barely changes the loss (only through the
+    # eps added to the norms)
     scale = torch.rand(5, 1, dtype=torch.float64) + 0.5
-    torch.testing.assert_close(kdfast.pkt_loss(s * scale, t), kdfast.pkt_loss(s, t))
+    torch.testing.assert_close(kdfast.pkt_loss(s * scale, t), kdfast.pkt_loss(s, t),
+                               rtol=1e-5, atol=1e-9)
     assert float(kdfast.pkt_loss(t, t).detach()) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -244,7 +360,9 @@ def test_pkt_zero_rows_and_tiny_batches():
     s[2] = 0
     t = torch.randn(5, 3, dtype=torch.float64)
     t[0] = 0
-    _check_against_ref(kdfast.pkt_loss, ref_pkt, s, t)
+    out = _check_against_ref(kdfast.pkt_loss, ref_pkt, s, t)
+    # the published formulation gives the same value (its gradient at a zero row is NaN)
+    torch.testing.assert_close(out.detach(), published_pkt(s, t), rtol=1e-9, atol=1e-14)
     for n in (0, 1):
         x = torch.randn(n, 3, requires_grad=True)
         loss = kdfast.pkt_loss(x, torch.randn(n, 2))
