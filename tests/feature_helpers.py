@@ -166,6 +166,8 @@ def run_isa_cases(device="cpu") -> None:
     for kind in KINDS:
         for normalize in (False, True):
             for dim in dims:
+                if dim == 1 and (normalize or kind == "cosine"):
+                    continue  # the loss depends on signs only (test_feature_loss.py checks D = 1)
                 s_dtype, t_dtype = pairs[i % len(pairs)]
                 reduction = REDUCTIONS[i % 3]
                 i += 1
