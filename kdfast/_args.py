@@ -104,3 +104,66 @@ def batchmean_count(labels: torch.Tensor | None, rows: int, ignore_index: int) -
     if labels is None:
         return max(rows, 1)
     return (labels != ignore_index).sum().clamp_(min=1)
+
+
+# --- feature_loss ------------------------------------------------------------------------
+
+FEATURE_KINDS = ("mse", "l1", "smooth_l1", "cosine")
+FEATURE_REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_feature_options(kind: str, normalize: bool, reduction: str) -> tuple[int, int]:
+    """Validates feature_loss's options; returns the (kind, reduction) codes of the ops."""
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"feature_loss: kind must be one of {FEATURE_KINDS}, got {kind!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"feature_loss: normalize must be a bool, got {type(normalize).__name__}")
+    if reduction not in FEATURE_REDUCTIONS:
+        raise ValueError(f"feature_loss: reduction must be one of {FEATURE_REDUCTIONS}, got {reduction!r}")
+    return FEATURE_KINDS.index(kind), FEATURE_REDUCTIONS.index(reduction)
+
+
+def check_feature_tensors(student: torch.Tensor, teacher: torch.Tensor,
+                          mask: torch.Tensor | None) -> None:
+    """Validates feature_loss's tensors (types, dtypes, shapes, devices)."""
+    for name, x in (("student", student), ("teacher", teacher)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"feature_loss: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"feature_loss: {name} must be float32, float16 or bfloat16 "
+                            f"(float64 for testing), got {x.dtype}")
+        if x.dim() < 1:
+            raise ValueError(f"feature_loss: {name} must have shape [..., D], got a 0-dim tensor")
+    if student.shape != teacher.shape:
+        raise ValueError("feature_loss: student and teacher must have the same shape, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if student.shape[-1] < 1:
+        raise ValueError("feature_loss: student must have a feature (last) dimension >= 1")
+    if (student.dtype == torch.float64) != (teacher.dtype == torch.float64):
+        raise TypeError("feature_loss: float64 student and teacher must both be float64, got "
+                        f"{student.dtype} and {teacher.dtype}")
+    if student.device != teacher.device:
+        raise ValueError("feature_loss: student and teacher must be on the same device, got "
+                         f"{student.device} and {teacher.device}")
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"feature_loss: mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"feature_loss: mask must be a bool tensor, got {mask.dtype}")
+    if mask.shape != student.shape[:-1]:
+        raise ValueError("feature_loss: mask must have the leading shape of student "
+                         f"{tuple(student.shape[:-1])}, got {tuple(mask.shape)}")
+    if mask.device != student.device:
+        raise ValueError(f"feature_loss: mask must be on {student.device}, got {mask.device}")
+
+
+def feature_mean_divisor(mask: torch.Tensor | None, rows: int, dim: int,
+                         kind: str) -> int | torch.Tensor:
+    """The divisor of feature_loss's ``"mean"``: selected rows (at least 1) times ``D``
+    for the element-wise kinds, selected rows for ``"cosine"`` (a tensor when a mask
+    decides it, so the count stays on the device)."""
+    per_row = 1 if kind == "cosine" else dim
+    if mask is None:
+        return max(rows, 1) * per_row
+    return mask.sum().clamp_(min=1) * per_row

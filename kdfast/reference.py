@@ -228,3 +228,56 @@ def kd_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, labels
     out_t = (grad_t.to(teacher.dtype).reshape(teacher.shape) if teacher_requires_grad
              else teacher.new_empty(0))
     return out_s, out_t
+
+
+# --- feature_loss -------------------------------------------------------------------------
+
+
+def feature_loss_rows(student: Tensor, teacher: Tensor, kind: str = "mse", normalize: bool = False,
+                      mask: Tensor | None = None) -> Tensor:
+    """Per-row loss of :func:`kdfast.feature_loss` (0 on unselected rows): the sum over
+    ``D`` of the element-wise kinds, ``1 - cos`` for ``"cosine"``.
+
+    Shapes: ``student``, ``teacher`` ``[..., D]``; ``mask`` bool ``[...]`` or None;
+    returns ``[...]`` in float32 (float64 for float64 inputs). Differentiable; the
+    cosine's norms are clamped with ``clamp_min`` (zero derivative below ``1e-8``).
+    """
+    acc = _acc_dtype(student)
+    s, t = student.to(acc), teacher.to(acc)
+    if mask is not None:
+        # Zeroed unselected rows keep their NaN / inf out of the result and gradient.
+        keep = mask.unsqueeze(-1)
+        s, t = torch.where(keep, s, 0.0), torch.where(keep, t, 0.0)
+    if normalize:
+        s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    if kind == "cosine":
+        s_unit = s / torch.linalg.vector_norm(s, dim=-1, keepdim=True).clamp_min(1e-8)
+        t_unit = t / torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(1e-8)
+        rows = 1.0 - (s_unit * t_unit).sum(-1)
+    else:
+        d = s - t
+        if kind == "mse":
+            rows = (d * d).sum(-1)
+        elif kind == "l1":
+            rows = d.abs().sum(-1)
+        else:
+            rows = F.smooth_l1_loss(s, t, reduction="none", beta=1.0).sum(-1)
+    if mask is not None:
+        rows = torch.where(mask, rows, 0.0)
+    return rows
+
+
+def feature_loss(student: Tensor, teacher: Tensor, *, kind: str = "mse", normalize: bool = False,
+                 mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """Reference :func:`kdfast.feature_loss`: same arguments, same result, plain PyTorch."""
+    from kdfast._args import check_feature_options, check_feature_tensors, feature_mean_divisor
+
+    check_feature_options(kind, normalize, reduction)
+    check_feature_tensors(student, teacher, mask)
+    rows = feature_loss_rows(student, teacher, kind, normalize, mask)
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / feature_mean_divisor(mask, rows.numel(), student.shape[-1], kind)

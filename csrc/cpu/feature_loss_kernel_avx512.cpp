@@ -1,0 +1,10 @@
+// feature_loss CPU kernels for x86-64 with AVX-512 (F, BW, VL, DQ); built like
+// feature_loss_kernel_avx2.cpp with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma.
+#ifndef __AVX512F__
+#error "feature_loss_kernel_avx512.cpp must be compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq (see setup.py)"
+#endif
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#include "feature_loss_kernel.h"
+
+KDFAST_DEFINE_FEATURE_LOSS_CPU_KERNELS(avx512)
