@@ -12,12 +12,12 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
 import kdfast
-from kdfast._args import FLOAT_DTYPES
+from kdfast._args import FEATURE_KINDS, FEATURE_REDUCTIONS, FLOAT_DTYPES
 
 __all__ = ["HintLoss"]
 
-HINT_KINDS = ("mse", "l1", "smooth_l1", "cosine")
-HINT_REDUCTIONS = ("mean", "sum", "none")
+HINT_KINDS = FEATURE_KINDS
+HINT_REDUCTIONS = FEATURE_REDUCTIONS
 
 
 def _check_dim(name: str, value: object) -> int | None:
