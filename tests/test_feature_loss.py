@@ -108,6 +108,7 @@ def test_zero_rows(device, kind, reduction, shape):
             loss, gs, gt = check_feature(s, t, kind=kind, normalize=normalize, mask=m,
                                          reduction=reduction)
             assert loss.shape == (shape[:-1] if reduction == "none" else ())
+            assert gs.shape == s.shape and gt.shape == t.shape and gs.numel() == 0
             if reduction != "none":
                 assert float(loss) == 0.0
 
@@ -287,3 +288,34 @@ def test_reference_float32_inputs_keep_float32(device):
     ref = ref_feature_loss(s, t, kind="cosine", normalize=True, reduction="none")
     assert out.dtype == torch.float32
     assert_loss_close(out, ref, torch.float32)
+
+
+FALLBACK_CHILD = """
+import sys, warnings
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import kdfast
+    from feature_helpers import KINDS, check_feature, features, random_mask
+    assert not kdfast.has_extension()
+    for kind in KINDS:
+        s, t = features((3, 4, 19), torch.bfloat16), features((3, 4, 19))
+        check_feature(s, t, kind=kind, normalize=kind != "mse", mask=random_mask((3, 4)))
+assert any("plain-PyTorch reference" in str(w.message) for w in caught), [str(w.message) for w in caught]
+print("ok")
+"""
+
+
+def test_fallback_without_extension():
+    """KDFAST_DISABLE_EXTENSION=1: feature_loss is the plain-PyTorch reference, with a warning."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, KDFAST_DISABLE_EXTENSION="1")
+    code = FALLBACK_CHILD.format(root=os.path.dirname(tests), tests=tests)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1:] == ["ok"], (
+        proc.stdout[-2000:] + proc.stderr[-3000:])

@@ -420,3 +420,57 @@ def test_cuda_graph_capture(device):
                                         mask=m)
     assert_loss_close(loss, ref, torch.float32)
     assert_grad_close(s.grad, ref_gs, "replayed grad_student")
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("case", ("cosine_normalize", "mse_bf16", "cosine_teacher_grad",
+                                  "l1_normalize_none_weighted"))
+def test_peak_memory_of_forward_backward(case):
+    """One forward + backward allocates at most 1.05x the gradient(s) it returns: the
+    gradient kept from the forward is handed to .grad, no copy, nothing N x D besides."""
+    from kdfast.bench.harness import peak_extra_memory
+
+    n, d = 1024, 4096
+    dtype = torch.bfloat16 if case == "mse_bf16" else torch.float32
+    kind = case.split("_")[0]
+    normalize = "normalize" in case
+    reduction = "none" if "none" in case else "mean"
+    student = features((n, d), dtype).requires_grad_(True)
+    teacher = features((n, d), dtype).requires_grad_(case == "cosine_teacher_grad")
+    weights = torch.rand(n)
+    leaves = [x for x in (student, teacher) if x.requires_grad]
+
+    def reset():
+        for x in leaves:
+            x.grad = None
+
+    def step():
+        loss = kdfast.feature_loss(student, teacher, kind=kind, normalize=normalize, reduction=reduction)
+        loss.backward(weights if reduction == "none" else None)
+
+    step()  # warm up (first-call allocations of the dispatcher and the thread pool)
+    extra = peak_extra_memory(step, device="cpu", reset=reset)
+    grad_bytes = sum(x.numel() * x.element_size() for x in leaves)
+    assert all(x.grad is not None for x in leaves)
+    assert grad_bytes <= extra <= 1.05 * grad_bytes, (
+        f"{case}: peak extra memory {extra / 2**20:.2f} MiB, gradients {grad_bytes / 2**20:.2f} MiB")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peak_memory_of_forward_without_gradient(kind):
+    """A forward that needs no gradient allocates O(rows), never a gradient-sized buffer."""
+    from kdfast.bench.harness import peak_extra_memory
+
+    n, d = 1024, 4096
+    student = features((n, d)).requires_grad_(True)
+    teacher = features((n, d))
+
+    def step():
+        with torch.no_grad():
+            return kdfast.feature_loss(student, teacher, kind=kind, normalize=True, reduction="none")
+
+    step()
+    extra = peak_extra_memory(step, device="cpu")
+    assert extra <= 64 * n + 65536, f"forward allocated {extra / 2**20:.2f} MiB"
