@@ -8,11 +8,14 @@
 //   b     = (b_1, b_2) = (sigmoid(d), sigmoid(-d)),    log b_1 = -softplus(-d), log b_2 = -softplus(d)
 //   p~_j  = exp((x_j - m') / T) / Z'  (j != y)         (softmax over the non-target classes)
 //   TCKD  = KL(b_t || b_s),  NCKD = KL(p~_t || p~_s)
-//         = sum_{j != y} p~_t,j (x~_t,j - x~_s,j) - log Z'_t + log Z'_s,  x~ = (x - m') / T
+//         = sum_{j != y} p~_t,j (x~_t,j - x~_s,j) + log(Z'_s / Z'_t),  x~ = (x - m') / T
 //   loss  = T^2 (alpha TCKD + beta NCKD)
 // Nothing is computed as 1 - p_y (no cancellation), and every exponential has a
 // non-positive argument (safe where denormals flush to zero): a certain teacher
-// (p_y -> 1) keeps an exact non-target distribution.
+// (p_y -> 1) keeps an exact non-target distribution. log(Z'_s / Z'_t) is taken as
+// log1p((Z'_s - Z'_t) / Z'_t) with Z'_s - Z'_t summed element by element when the two
+// are close: NCKD (of order (x~_t - x~_s)^2) then does not inherit the rounding of two
+// log-normalisers of size log V, which matters at large temperatures.
 //
 // Gradients of one row whose loss receives the gradient w (c = T w), j != y:
 //   d/ds_y = c alpha (b_s1 - b_t1)
@@ -30,15 +33,16 @@
 namespace kdfast {
 
 // Columns of dkd_loss's per-row statistics (forward output, recomputing backward input).
-constexpr int64_t kDkdStatsCols = 7;
+constexpr int64_t kDkdStatsCols = 8;
 enum DkdStatsCol : int64_t {
-  kDkdMaxS = 0,   // m'_s
-  kDkdMaxT = 1,   // m'_t
-  kDkdLogZS = 2,  // log Z'_s
-  kDkdLogZT = 3,  // log Z'_t
-  kDkdOddsS = 4,  // d_s
-  kDkdOddsT = 5,  // d_t
-  kDkdNckd = 6,   // NCKD
+  kDkdMaxS = 0,      // m'_s
+  kDkdMaxT = 1,      // m'_t
+  kDkdLogZS = 2,     // log Z'_s
+  kDkdLogZT = 3,     // log Z'_t
+  kDkdLogRatio = 4,  // log(Z'_s / Z'_t)
+  kDkdOddsS = 5,     // d_s
+  kDkdOddsT = 6,     // d_t
+  kDkdNckd = 7,      // NCKD
 };
 
 namespace math {
@@ -94,24 +98,34 @@ KDFAST_MATH_FN bool dkd_row_defined(acc_t max_s, acc_t max_t, acc_t s_y, acc_t t
 
 template <typename acc_t>
 struct DkdStats {
-  acc_t max_s, max_t, log_z_s, log_z_t, odds_s, odds_t, nckd;
+  acc_t max_s, max_t, log_z_s, log_z_t, log_ratio, odds_s, odds_t, nckd;
 };
 
-// Statistics of a defined row from its non-target sums: z_s = Z'_s, z_t = Z'_t and
-// w = sum_{j != y} exp(x~_t,j) (x~_t,j - x~_s,j) (terms of zero teacher weight dropped).
+// The non-target sums of a row, relative to its non-target maxima:
+//   z_s = Z'_s, z_t = Z'_t, z_diff = sum_{j != y} (exp(x~_s,j) - exp(x~_t,j)),
+//   w = sum_{j != y} exp(x~_t,j) (x~_t,j - x~_s,j) (terms of zero teacher weight dropped).
 template <typename acc_t>
-KDFAST_MATH_FN DkdStats<acc_t> dkd_row_stats(acc_t max_s, acc_t max_t, acc_t z_s, acc_t z_t, acc_t w,
-                                             acc_t s_y, acc_t t_y, const DkdConsts<acc_t>& k) {
+struct DkdSums {
+  acc_t z_s, z_t, z_diff, w;
+};
+
+// Statistics of a defined row from its non-target sums and target logits.
+template <typename acc_t>
+KDFAST_MATH_FN DkdStats<acc_t> dkd_row_stats(acc_t max_s, acc_t max_t, const DkdSums<acc_t>& st, acc_t s_y,
+                                             acc_t t_y, const DkdConsts<acc_t>& k) {
   using Ops = ScalarOps<acc_t>;
   DkdStats<acc_t> r;
   r.max_s = max_s;
   r.max_t = max_t;
-  r.log_z_s = Ops::log(z_s);
-  r.log_z_t = Ops::log(z_t);
+  r.log_z_s = Ops::log(st.z_s);
+  r.log_z_t = Ops::log(st.z_t);
+  // Within a factor 2 the difference of the sums is the accurate one (see the top).
+  const acc_t ratio = st.z_s / st.z_t;
+  r.log_ratio = ratio >= acc_t(0.5) && ratio <= acc_t(2) ? Ops::log1p(st.z_diff / st.z_t) : r.log_z_s - r.log_z_t;
   // (x_y - m') first: exact for nearby values, so logits of +-1e4 keep their precision.
   r.odds_s = (s_y - max_s) * k.inv_temp - r.log_z_s;
   r.odds_t = (t_y - max_t) * k.inv_temp - r.log_z_t;
-  r.nckd = w / z_t - r.log_z_t + r.log_z_s;
+  r.nckd = st.w / st.z_t + r.log_ratio;
   return r;
 }
 
@@ -138,6 +152,7 @@ KDFAST_MATH_FN void store_dkd_stats(const DkdStats<acc_t>& r, acc_t* out) {
   out[kDkdMaxT] = r.max_t;
   out[kDkdLogZS] = r.log_z_s;
   out[kDkdLogZT] = r.log_z_t;
+  out[kDkdLogRatio] = r.log_ratio;
   out[kDkdOddsS] = r.odds_s;
   out[kDkdOddsT] = r.odds_t;
   out[kDkdNckd] = r.nckd;
@@ -145,7 +160,8 @@ KDFAST_MATH_FN void store_dkd_stats(const DkdStats<acc_t>& r, acc_t* out) {
 
 template <typename acc_t>
 KDFAST_MATH_FN DkdStats<acc_t> load_dkd_stats(const acc_t* in) {
-  return {in[kDkdMaxS], in[kDkdMaxT], in[kDkdLogZS], in[kDkdLogZT], in[kDkdOddsS], in[kDkdOddsT], in[kDkdNckd]};
+  return {in[kDkdMaxS],     in[kDkdMaxT],  in[kDkdLogZS],  in[kDkdLogZT],
+          in[kDkdLogRatio], in[kDkdOddsS], in[kDkdOddsT], in[kDkdNckd]};
 }
 
 template <typename acc_t>
@@ -158,10 +174,11 @@ KDFAST_MATH_FN void fill_dkd_stats(acc_t* out, acc_t value) {
 // is exactly 0 where the two non-target distributions agree):
 //   d/ds_j = nckd_w (p~_s,j - p~_t,j) - tckd_s p~_s,j
 //   d/dt_j = nckd_w (wd(p~_t,j, log p~_t,j, log p~_s,j) - nckd p~_t,j) - tckd_t p~_t,j
-// with nckd_w = c beta, tckd_s = c alpha (b_s1 - b_t1) = d/ds_y, tckd_t = c alpha k_t = d/dt_y.
+// with nckd_w = c beta, tckd_s = c alpha (b_s1 - b_t1) = d/ds_y, tckd_t = c alpha k_t = d/dt_y,
+// and log p~_t,j - log p~_s,j = (x~_t,j + log_ratio) - x~_s,j (no log-normaliser rounding).
 template <typename V>
 struct DkdGradConsts {
-  V nckd_w, nckd, tckd_s, tckd_t;
+  V nckd_w, nckd, tckd_s, tckd_t, log_ratio;
 };
 
 template <typename acc_t>
@@ -179,7 +196,7 @@ KDFAST_MATH_FN DkdGradConsts<acc_t> dkd_grad_consts(const DkdStats<acc_t>& r, co
   const bool with_tckd = k.alpha != acc_t(0), with_nckd = k.beta != acc_t(0);
   // A zero weight drops its part, even where the part is infinite.
   return {with_nckd ? c * k.beta : acc_t(0), with_nckd ? r.nckd : acc_t(0),
-          with_tckd ? c * k.alpha * delta : acc_t(0), with_tckd ? c * k.alpha * k_t : acc_t(0)};
+          with_tckd ? c * k.alpha * delta : acc_t(0), with_tckd ? c * k.alpha * k_t : acc_t(0), r.log_ratio};
 }
 
 // d loss / d s_j of non-target elements from the non-target probabilities.
@@ -189,13 +206,12 @@ KDFAST_MATH_FN typename Ops::V dkd_student_grad(const typename Ops::V& ps, const
   return g.nckd_w * (ps - pt) - g.tckd_s * ps;
 }
 
-// d loss / d t_j of non-target elements from the teacher probabilities and both
-// non-target log-probabilities.
+// d loss / d t_j of non-target elements from the teacher probabilities and the shifted
+// logits x~ = (x - m') / T of both inputs.
 template <class Ops>
-KDFAST_MATH_FN typename Ops::V dkd_teacher_grad(const typename Ops::V& pt, const typename Ops::V& log_pt,
-                                                const typename Ops::V& log_ps,
-                                                const DkdGradConsts<typename Ops::V>& g) {
-  return g.nckd_w * (weighted_diff<Ops>(pt, log_pt, log_ps) - g.nckd * pt) - g.tckd_t * pt;
+KDFAST_MATH_FN typename Ops::V dkd_teacher_grad(const typename Ops::V& pt, const typename Ops::V& xt,
+                                                const typename Ops::V& xs, const DkdGradConsts<typename Ops::V>& g) {
+  return g.nckd_w * (weighted_diff<Ops>(pt, xt + g.log_ratio, xs) - g.nckd * pt) - g.tckd_t * pt;
 }
 
 }  // namespace math

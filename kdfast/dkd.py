@@ -104,7 +104,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     gradient (in place; nothing to do at 1). float16 gradients are recomputed in the
     backward instead, where a loss scale is known (kept at scale 1 they would
     underflow). Memory kept between forward and backward: the gradient of each input
-    that requires grad (like that input), 7 floats per row of statistics and
+    that requires grad (like that input), 8 floats per row of statistics and
     references to the inputs; nothing ``[N, V]``-sized beyond that. Under
     ``torch.no_grad()`` only the loss is computed.
 

@@ -97,18 +97,14 @@ struct DkdRowKernel {
     return p.grad_loss == nullptr ? acc_t(1) : static_cast<const acc_t*>(p.grad_loss)[row * p.grad_loss_stride];
   }
 
-  struct Sums {
-    acc_t z_s, z_t, w;
-  };
-
   // Pass 2: non-target sums of one row (maxima known and finite); keeps the
   // exponentials in sc. Bound by exp, so it also prefetches the next row (next_s /
   // next_t, or nullptr) into L2 for the next row's max pass.
-  Sums sums(const s_t* s, const t_t* t, acc_t max_s, acc_t max_t, int64_t label, DkdScratch<acc_t>* sc,
+  math::DkdSums<acc_t> sums(const s_t* s, const t_t* t, acc_t max_s, acc_t max_t, int64_t label, DkdScratch<acc_t>* sc,
             const s_t* next_s, const t_t* next_t) const {
     const Vec vmax_s(max_s), vmax_t(max_t);
     struct Acc {
-      Vec z_s{acc_t(0)}, z_t{acc_t(0)}, w{acc_t(0)};
+      Vec z_s{acc_t(0)}, z_t{acc_t(0)}, z_diff{acc_t(0)}, w{acc_t(0)};
     };
     auto step = [&](int64_t j, int64_t n, Acc& a) {
       if (next_s != nullptr) {
@@ -121,6 +117,7 @@ struct DkdRowKernel {
       const Vec es = Ops::exp(xs), et = Ops::exp(xt);
       a.z_s = a.z_s + es;
       a.z_t = a.z_t + et;
+      a.z_diff = a.z_diff + (es - et);
       a.w = a.w + math::weighted_diff<Ops>(et, xt, xs);
       if (sc != nullptr) {
         es.store(sc->e_s + j);
@@ -136,7 +133,7 @@ struct DkdRowKernel {
       step(j + W, W, b);
     }
     for (; j < vocab; j += W) step(j, std::min(W, vocab - j), a);
-    return {hsum(a.z_s + b.z_s), hsum(a.z_t + b.z_t), hsum(a.w + b.w)};
+    return {hsum(a.z_s + b.z_s), hsum(a.z_t + b.z_t), hsum(a.z_diff + b.z_diff), hsum(a.w + b.w)};
   }
 
   // Pass 3: gradients of one counted row. With sc (fused call) the non-target
@@ -146,28 +143,26 @@ struct DkdRowKernel {
   void gradients(const s_t* s, const t_t* t, const math::DkdStats<acc_t>& r, const math::DkdGradConsts<acc_t>& g,
                  int64_t label, s_t* gs_row, t_t* gt_row,
                  const DkdScratch<acc_t>* sc, acc_t z_s, acc_t z_t) const {
-    const math::DkdGradConsts<Vec> gv{Vec(g.nckd_w), Vec(g.nckd), Vec(g.tckd_s), Vec(g.tckd_t)};
+    const math::DkdGradConsts<Vec> gv{Vec(g.nckd_w), Vec(g.nckd), Vec(g.tckd_s), Vec(g.tckd_t), Vec(g.log_ratio)};
     const Vec vmax_s(r.max_s), vmax_t(r.max_t), vlzs(r.log_z_s), vlzt(r.log_z_t);
     const Vec inv_zs(acc_t(1) / z_s), inv_zt(acc_t(1) / z_t), zero(acc_t(0));
     // The student's gradient needs no logits when the exponentials are kept.
     const bool read_logits = kTeacher || sc == nullptr;
     auto step = [&](int64_t j, int64_t n) {
-      Vec log_ps = zero, log_pt = zero, ps, pt;
+      Vec xs = zero, xt = zero, ps, pt;  // x~ = (x - m') / T, -inf at the target
       if (read_logits) {
-        log_ps = (load_non_target(s, j, n, label) - vmax_s) * vinv_temp - vlzs;
-        log_pt = (load_non_target(t, j, n, label) - vmax_t) * vinv_temp - vlzt;
+        xs = (load_non_target(s, j, n, label) - vmax_s) * vinv_temp;
+        xt = (load_non_target(t, j, n, label) - vmax_t) * vinv_temp;
       }
       if (sc != nullptr) {
         ps = Vec::loadu(sc->e_s + j) * inv_zs;
         pt = Vec::loadu(sc->e_t + j) * inv_zt;
       } else {
-        ps = Ops::exp(log_ps);
-        pt = Ops::exp(log_pt);
+        ps = Ops::exp(xs - vlzs);
+        pt = Ops::exp(xt - vlzt);
       }
       if constexpr (kStudent) VecIO<s_t, acc_t>::store(math::dkd_student_grad<Ops>(ps, pt, gv), gs_row + j, n);
-      if constexpr (kTeacher) {
-        VecIO<t_t, acc_t>::store(math::dkd_teacher_grad<Ops>(pt, log_pt, log_ps, gv), gt_row + j, n);
-      }
+      if constexpr (kTeacher) VecIO<t_t, acc_t>::store(math::dkd_teacher_grad<Ops>(pt, xt, xs, gv), gt_row + j, n);
     };
     const int64_t vocab = p.vocab;
     int64_t j = 0;
@@ -220,12 +215,12 @@ struct DkdRowKernel {
       const acc_t s_y = static_cast<acc_t>(s[label]), t_y = static_cast<acc_t>(t[label]);
       acc_t row_loss = kNaN;
       math::DkdStats<acc_t> r{};
-      Sums st{};
+      math::DkdSums<acc_t> st{};
       if (math::dkd_row_defined(max_s, max_t, s_y, t_y)) {
         const bool has_next = row + 1 < end;
         st = sums(s, t, max_s, max_t, label, scratch.get(), has_next ? student_row(row + 1) : nullptr,
                   has_next ? teacher_row(row + 1) : nullptr);
-        r = math::dkd_row_stats(max_s, max_t, st.z_s, st.z_t, st.w, s_y, t_y, k);
+        r = math::dkd_row_stats(max_s, max_t, st, s_y, t_y, k);
         row_loss = math::dkd_row_loss(r, k);
       }
       if (row_loss != row_loss) {  // NaN in, or no distribution on a side: NaN out

@@ -32,6 +32,18 @@
 #endif
 
 namespace kdfast {
+namespace math {
+
+// Warp shuffle of the non-target sums, found by block_allreduce (common.cuh) through
+// argument-dependent lookup.
+template <typename acc_t>
+__device__ __forceinline__ DkdSums<acc_t> shfl_xor(const DkdSums<acc_t>& v, int mask) {
+  return {__shfl_xor_sync(0xffffffffu, v.z_s, mask), __shfl_xor_sync(0xffffffffu, v.z_t, mask),
+          __shfl_xor_sync(0xffffffffu, v.z_diff, mask), __shfl_xor_sync(0xffffffffu, v.w, mask)};
+}
+
+}  // namespace math
+
 namespace cuda {
 namespace {
 
@@ -63,21 +75,12 @@ struct DkdMaxOp {
   }
 };
 
-template <typename acc_t>
-struct DkdSums {
-  acc_t z_s, z_t, w;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ DkdSums<acc_t> shfl_xor(const DkdSums<acc_t>& v, int mask) {
-  return {__shfl_xor_sync(0xffffffffu, v.z_s, mask), __shfl_xor_sync(0xffffffffu, v.z_t, mask),
-          __shfl_xor_sync(0xffffffffu, v.w, mask)};
-}
+using math::DkdSums;
 
 struct DkdSumOp {
   template <typename acc_t>
   KDFAST_HD DkdSums<acc_t> operator()(const DkdSums<acc_t>& a, const DkdSums<acc_t>& b) const {
-    return {a.z_s + b.z_s, a.z_t + b.z_t, a.w + b.w};
+    return {a.z_s + b.z_s, a.z_t + b.z_t, a.z_diff + b.z_diff, a.w + b.w};
   }
 };
 
@@ -140,11 +143,11 @@ __device__ __forceinline__ void dkd_gradient_row(const DkdParams& p, const DkdRo
       if (in.gt != nullptr) in.gt[j] = static_cast<t_t>(g.tckd_t);
       continue;
     }
-    const acc_t log_ps = (static_cast<acc_t>(in.s[j]) - r.max_s) * k.inv_temp - r.log_z_s;
-    const acc_t log_pt = (static_cast<acc_t>(in.t[j]) - r.max_t) * k.inv_temp - r.log_z_t;
-    const acc_t ps = Ops::exp(log_ps), pt = Ops::exp(log_pt);
+    const acc_t xs = (static_cast<acc_t>(in.s[j]) - r.max_s) * k.inv_temp;
+    const acc_t xt = (static_cast<acc_t>(in.t[j]) - r.max_t) * k.inv_temp;
+    const acc_t ps = Ops::exp(xs - r.log_z_s), pt = Ops::exp(xt - r.log_z_t);
     if (in.gs != nullptr) in.gs[j] = static_cast<s_t>(math::dkd_student_grad<Ops>(ps, pt, g));
-    if (in.gt != nullptr) in.gt[j] = static_cast<t_t>(math::dkd_teacher_grad<Ops>(pt, log_pt, log_ps, g));
+    if (in.gt != nullptr) in.gt[j] = static_cast<t_t>(math::dkd_teacher_grad<Ops>(pt, xt, xs, g));
   }
 }
 
@@ -176,7 +179,7 @@ __global__ void __launch_bounds__(kDkdMaxThreads, 1) dkd_forward_kernel(const Dk
     acc_t loss = nan;
     math::DkdStats<acc_t> r{};
     if (math::dkd_row_defined(m.s, m.t, s_y, t_y)) {
-      DkdSums<acc_t> st{acc_t(0), acc_t(0), acc_t(0)};
+      DkdSums<acc_t> st{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
       for (int64_t j = threadIdx.x; j < p.vocab; j += blockDim.x) {
         if (j == label) continue;
         const acc_t xs = (static_cast<acc_t>(in.s[j]) - m.s) * k.inv_temp;
@@ -184,10 +187,11 @@ __global__ void __launch_bounds__(kDkdMaxThreads, 1) dkd_forward_kernel(const Dk
         const acc_t es = Ops::exp(xs), et = Ops::exp(xt);
         st.z_s += es;
         st.z_t += et;
+        st.z_diff += es - et;
         st.w += math::weighted_diff<Ops>(et, xt, xs);
       }
       st = block_allreduce(st, DkdSumOp{}, smem_sums);
-      r = math::dkd_row_stats(m.s, m.t, st.z_s, st.z_t, st.w, s_y, t_y, k);
+      r = math::dkd_row_stats(m.s, m.t, st, s_y, t_y, k);
       loss = math::dkd_row_loss(r, k);
     }
     if (loss != loss) {  // NaN in (a NaN logit reaches the sums), or no distribution on a side

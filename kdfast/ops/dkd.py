@@ -15,7 +15,7 @@ import torch
 from kdfast._args import batchmean_count
 from kdfast.ops import _kept
 
-STATS_COLS = 7
+STATS_COLS = 8
 _REDUCTION_BATCHMEAN = 0
 _REDUCTION_NONE = 2
 
