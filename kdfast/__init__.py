@@ -20,8 +20,8 @@ from kdfast.losses import KDLoss
 
 __all__ = [
     "DIVERGENCES",
-    "DKDLoss",
     "REDUCTIONS",
+    "DKDLoss",
     "KDLoss",
     "build_info",
     "dkd_loss",

@@ -57,7 +57,8 @@ def test_shapes_match_reference(device, shape):
     check_dkd(student, teacher, labels, teacher_grad=False)
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("options", OPTIONS,
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_options_match_reference(device, options):
     student, teacher = logits((7, 257), device=device), logits((7, 257), device=device)
     labels = labels_for((7,), 257, device=device)
@@ -240,3 +241,59 @@ def test_reference_module_matches_fp64(device):
         for reduction in REDUCTIONS:
             check_dkd(student, teacher, labels, teacher_grad=True, fn=kdfast.reference.dkd_loss,
                       reduction=reduction, alpha=0.5, beta=2.0, temperature=2.0)
+
+
+_FALLBACK_CHILD = """
+import sys, warnings
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import kdfast
+    from test_dkd_loss import fallback_cases
+    results = fallback_cases()
+torch.save(dict(results=results, has_extension=kdfast.has_extension(),
+                warnings=[str(w.message) for w in caught if "reference" in str(w.message)]),
+           sys.argv[1])
+"""
+
+
+def fallback_cases():
+    """Loss and gradients of a few calls (also run by the fallback subprocess)."""
+    out = []
+    for i, (shape, dtypes, options) in enumerate([
+            ((6, 37), ("float32", "float32"), dict()),
+            ((2, 3, 65), ("bfloat16", "float32"), dict(alpha=0.5, beta=2.0, reduction="none")),
+            ((5, 2), ("float32", "float32"), dict(temperature=1.0, reduction="sum"))]):
+        g = torch.Generator().manual_seed(10 + i)
+        s = (torch.randn(shape, generator=g) * 3).to(getattr(torch, dtypes[0])).requires_grad_(True)
+        t = (torch.randn(shape, generator=g) * 3).to(getattr(torch, dtypes[1])).requires_grad_(True)
+        y = torch.randint(0, shape[-1], shape[:-1], generator=g)
+        y.view(-1)[::3] = -100
+        loss = kdfast.dkd_loss(s, t, y, **options)
+        loss.backward(torch.full_like(loss, 1.7))
+        out.append((loss.detach(), s.grad, t.grad))
+    return out
+
+
+def test_fallback_without_extension_matches_kernels(tmp_path):
+    """KDFAST_DISABLE_EXTENSION=1: kdfast.dkd_loss runs the plain-PyTorch reference (one
+    warning) and gives the kernels' numbers."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = tmp_path / "fallback.pt"
+    proc = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD.format(root=root, tests=tests),
+                           str(path)], env=dict(os.environ, KDFAST_DISABLE_EXTENSION="1"),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    child = torch.load(path)
+    assert child["has_extension"] is False and len(child["warnings"]) == 1, child["warnings"]
+    for case, (fb, ext) in enumerate(zip(child["results"], fallback_cases())):
+        for what, a, b in zip(("loss", "grad_student", "grad_teacher"), fb, ext):
+            assert a.dtype == b.dtype and a.shape == b.shape, (case, what)
+            tol = dict(rtol=2e-5, atol=2e-6) if a.dtype == torch.float32 else {}
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, c=case, w=what: f"{c} {w}: {m}")

@@ -87,8 +87,8 @@ def test_target_masked_in_student_only_is_infinite(device):
     assert loss[0] == INF and torch.isfinite(loss[1:]).all()
     # The reverse (teacher masks the target, the student does not) is finite.
     teacher[1, 5] = -INF
-    loss, gs, gt = check_dkd(student[1:], teacher[1:], labels[1:], teacher_grad=True,
-                             reduction="none")
+    loss = check_dkd(student[1:], teacher[1:], labels[1:], teacher_grad=True,
+                     reduction="none")[0]
     assert torch.isfinite(loss).all()
 
 
@@ -147,22 +147,22 @@ def test_extreme_temperatures_match_reference(device, temperature):
 
 @pytest.mark.parametrize("temperature", [1e3, 1e4])
 def test_very_large_temperature(device, temperature):
-    """T^2 times a divergence of order 1/T^2: in float32 the divergence is a difference of
-    log-normalisers of size log V, so the loss is accurate to about
-    T^2 (alpha + beta) eps32 log V in absolute terms (documented); the gradients have no
-    such cancellation and stay accurate, and float64 is tight."""
+    """T^2 times a divergence of order 1/T^2: float32 rounding of the probabilities (relative
+    eps) against differences of order 1/T limits the precision, so the errors grow with T.
+    They stay well inside eager float32 PyTorch's (whose loss is off by percents at T=1e3),
+    within the bounds below; float64 is tight."""
     vocab = 300
     student, teacher = logits((4, vocab), device=device), logits((4, vocab), device=device)
     labels = labels_for((4,), vocab, device=device)
-    loss, gs, gt = run_dkd(student, teacher, labels, teacher_grad=True, temperature=temperature,
-                           reduction="none")
+    loss, gs, gt = check_dkd(student, teacher, labels, teacher_grad=True, eager_rule=True,
+                             temperature=temperature, reduction="none")
     ref, ref_gs, ref_gt = ref_dkd_and_grads(student, teacher, labels, teacher_grad=True,
                                             temperature=temperature, reduction="none")
-    bound = temperature**2 * 9.0 * torch.finfo(torch.float32).eps * math.log(vocab)
-    assert float((loss.cpu().double() - ref).abs().max()) <= bound
+    loss_err = float((loss.cpu().double() - ref).abs().max() / ref.abs().max())
+    assert loss_err <= 1e-9 * temperature**2, loss_err
     for g, ref_g in ((gs, ref_gs), (gt, ref_gt)):
         scale = float(ref_g.abs().max())
-        torch.testing.assert_close(g.cpu().double(), ref_g, rtol=1e-3, atol=1e-4 * scale)
+        torch.testing.assert_close(g.cpu().double(), ref_g, rtol=0, atol=5e-8 * temperature * scale)
     check_dkd(student.double(), teacher.double(), labels, teacher_grad=True,
               temperature=temperature, reduction="none")
 
@@ -176,8 +176,8 @@ def test_two_classes_is_binary_kl(device, temperature):
     of two Bernoulli distributions with p = sigmoid((x_y - x_other) / T)."""
     student, teacher = logits((8, 2), device=device), logits((8, 2), device=device)
     labels = torch.tensor([0, 1, 1, 0, -100, 1, 0, 1], device=device)
-    loss, gs, gt = check_dkd(student, teacher, labels, teacher_grad=True,
-                             temperature=temperature, reduction="none")
+    loss = check_dkd(student, teacher, labels, teacher_grad=True, temperature=temperature,
+                     reduction="none")[0]
     counted = labels != -100
     y = labels[counted].cpu()
     s, t = student[counted].cpu().double(), teacher[counted].cpu().double()

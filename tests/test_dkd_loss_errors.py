@@ -57,7 +57,8 @@ def test_bad_tensors():
         ((s.int(), t, y), TypeError, "student_logits must be float32"),
         ((s.double(), t, y), TypeError, "float64 student_logits and teacher_logits must both be float64"),
         ((torch.tensor(1.0), torch.tensor(1.0), y), ValueError, "student_logits must have shape"),
-        ((s[:, :1], t[:, :1], y), ValueError, "student_logits must have a vocabulary \\(last\\) dimension >= 2"),
+        ((s[:, :1], t[:, :1], y), ValueError,
+         "student_logits must have a vocabulary \\(last\\) dimension >= 2"),
         ((s, t, None), TypeError, "labels must be a torch.Tensor"),
         ((s, t, [1, 2, 3, 4]), TypeError, "labels must be a torch.Tensor"),
         ((s, t, y.float()), TypeError, "labels must be an integer tensor"),
@@ -128,7 +129,8 @@ def test_op_checks_its_arguments():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU available")
 def test_device_mismatch():
     s, t, y = _inputs()
-    with pytest.raises(ValueError, match="dkd_loss: student_logits and teacher_logits must be on the same device"):
+    with pytest.raises(ValueError,
+                       match="dkd_loss: student_logits and teacher_logits must be on the same device"):
         kdfast.dkd_loss(s, t.cuda(), y)
     with pytest.raises(ValueError, match="dkd_loss: labels must be on"):
         kdfast.dkd_loss(s.cuda(), t.cuda(), y)

@@ -332,6 +332,12 @@ def test_peak_memory_of_forward_backward():
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("backend", ("aot_eager", "inductor"))
 def test_compile_step_with_backward_inside(device, backend):
+    if backend == "inductor" and device == "cpu" and os.environ.get("ATEN_CPU_CAPABILITY"):
+        # Seen here: inductor's C++ kernels assume 16-lane vectors (the CPU's AVX-512) while
+        # ATen runs the narrower ISA asked for, and scale only every other 8-lane chunk of a
+        # plain multiply (kd_loss's compile test fails the same way); aot_eager still runs.
+        pytest.skip("inductor CPU codegen with ATEN_CPU_CAPABILITY forcing a narrower ISA")
+
     def step(student, teacher, labels):
         loss = kdfast.dkd_loss(student, teacher, labels, alpha=0.5, beta=4.0, temperature=2.0)
         (loss * 3.7).backward()
