@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from kdfast import ops as _ops  # noqa: F401  (registers fake / autograd for the ops)
 from kdfast import reference
 from kdfast._extension import build_info, has_extension, has_kernel
+from kdfast.dkd import DKDLoss, dkd_loss
 from kdfast.feature import FeatureLoss, feature_loss
 from kdfast.functional import DIVERGENCES, REDUCTIONS, kd_loss
 from kdfast.hint import HintLoss
@@ -23,6 +24,7 @@ from kdfast.relational import PKTLoss, RKDLoss, SPLoss, pkt_loss, rkd_loss, sp_l
 __all__ = [
     "DIVERGENCES",
     "REDUCTIONS",
+    "DKDLoss",
     "FeatureLoss",
     "HintLoss",
     "KDLoss",
@@ -30,6 +32,7 @@ __all__ = [
     "RKDLoss",
     "SPLoss",
     "build_info",
+    "dkd_loss",
     "feature_loss",
     "has_extension",
     "has_kernel",

@@ -281,3 +281,63 @@ def feature_loss(student: Tensor, teacher: Tensor, *, kind: str = "mse", normali
     if reduction == "sum":
         return total
     return total / feature_mean_divisor(mask, rows.numel(), student.shape[-1], kind)
+
+
+# --- dkd_loss (Decoupled Knowledge Distillation) -----------------------------------------
+
+
+def _dkd_parts(x: Tensor, target: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log b_1, log b_2, log p~)`` of ``[N, V]`` logits with a boolean one-hot target mask:
+    the binary (target, rest) log-probabilities and the log-softmax over the non-target
+    classes (``-inf`` at the target), at temperature ``T``, without forming ``1 - p_y``."""
+    rest = x.masked_fill(target, float("-inf"))
+    # Shift by the non-target maximum before scaling: (x - max) / T keeps large logits exact.
+    shift = rest.amax(-1, keepdim=True).detach()
+    scaled = (rest - shift) / temperature
+    log_z = torch.logsumexp(scaled, -1, keepdim=True)
+    odds = ((x - shift) / temperature).masked_fill(~target, 0.0).sum(-1, keepdim=True) - log_z
+    zero = torch.zeros_like(odds)
+    return -torch.logaddexp(-odds, zero), -torch.logaddexp(odds, zero), scaled - log_z
+
+
+def dkd_loss_rows(student: Tensor, teacher: Tensor, labels: Tensor, alpha: float, beta: float,
+                  temperature: float, ignore_index: int) -> Tensor:
+    """Per-row DKD loss ``T^2 (alpha TCKD + beta NCKD)`` (0 on ignored rows).
+
+    Shapes: ``student``, ``teacher`` ``[..., V]``; ``labels`` ``[...]`` int64; returns
+    ``[...]`` in float32 (float64 for float64 inputs). Differentiable.
+    """
+    acc = _acc_dtype(student)
+    vocab = student.shape[-1]
+    y = labels.reshape(-1)
+    counted = (y != ignore_index).unsqueeze(-1)
+    # Zeroed ignored rows keep NaN / inf of unused rows out of the result and gradient.
+    s = torch.where(counted, student.reshape(-1, vocab).to(acc), 0.0)
+    t = torch.where(counted, teacher.reshape(-1, vocab).to(acc), 0.0)
+    target = F.one_hot(torch.where(counted.squeeze(-1), y, 0), vocab).bool()
+    s1, s2, log_qn = _dkd_parts(s, target, temperature)
+    t1, t2, log_pn = _dkd_parts(t, target, temperature)
+    b_t = torch.cat([t1, t2], -1)
+    tckd = (b_t.exp() * _masked_diff(b_t.exp(), b_t, torch.cat([s1, s2], -1))).sum(-1)
+    p = log_pn.exp()
+    nckd = (p * _masked_diff(p, log_pn, log_qn)).sum(-1)
+    rows = temperature**2 * ((alpha * tckd if alpha else 0.0) + (beta * nckd if beta else 0.0))
+    rows = torch.where(counted.squeeze(-1), rows, 0.0)
+    return rows.reshape(student.shape[:-1])
+
+
+def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
+             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+             ignore_index: int = -100, reduction: str = "batchmean") -> Tensor:
+    """Reference :func:`kdfast.dkd_loss`: same arguments, same result, plain PyTorch."""
+    from kdfast.dkd import check_dkd_options, check_dkd_tensors
+
+    check_dkd_options(alpha, beta, temperature, ignore_index, reduction)
+    labels = check_dkd_tensors(student_logits, teacher_logits, labels)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= student_logits.shape[-1]))
+    if bool(bad.any()):
+        raise ValueError(f"dkd_loss: labels must be in [0, {student_logits.shape[-1]}) or equal "
+                         f"ignore_index ({ignore_index}), got {int(labels[bad][0])}")
+    rows = dkd_loss_rows(student_logits, teacher_logits, labels, alpha, beta, temperature,
+                         ignore_index)
+    return reduce_rows(rows, labels, ignore_index, reduction)
