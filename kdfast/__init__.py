@@ -14,13 +14,16 @@ __version__ = "0.1.0"
 from kdfast import ops as _ops  # noqa: F401  (registers fake / autograd for the ops)
 from kdfast import reference
 from kdfast._extension import build_info, has_extension, has_kernel
+from kdfast.attention import AttentionTransferLoss, attention_transfer_loss
 from kdfast.functional import DIVERGENCES, REDUCTIONS, kd_loss
 from kdfast.losses import KDLoss
 
 __all__ = [
     "DIVERGENCES",
     "REDUCTIONS",
+    "AttentionTransferLoss",
     "KDLoss",
+    "attention_transfer_loss",
     "build_info",
     "has_extension",
     "has_kernel",

@@ -8,4 +8,7 @@ when the compiled extension is loaded.
 from kdfast._extension import has_extension
 
 if has_extension():
-    from kdfast.ops import kd_loss  # noqa: F401
+    from kdfast.ops import (
+        attention_transfer,  # noqa: F401
+        kd_loss,  # noqa: F401
+    )
