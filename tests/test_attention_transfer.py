@@ -157,6 +157,16 @@ def test_zero_feature_maps(device, which, p):
         assert float(loss) == 0.0
 
 
+@pytest.mark.parametrize("p", (1.5, 2.5, 3.7))
+def test_general_p_wide_magnitudes(device, p):
+    """pow over magnitudes from 1e-4 to ~1e3 (float32: exp(p log |x|) on the CPU)."""
+    s = feature_map((2, 16, 9, 9), device=device) * 300
+    s[:, :4] *= 1e-6
+    t = feature_map((2, 8, 9, 9), device=device)
+    t[:, :, :3] *= 1e3
+    check_against_reference(s, t, p, teacher_grad=True)
+
+
 def test_maps_below_eps(device):
     """Attention maps whose norm is below the 1e-12 of F.normalize (the clamp is active)."""
     s = feature_map((2, 4, 3, 3), dtype=torch.float64, device=device) * 1e-8
@@ -337,6 +347,48 @@ def test_reference_fallback_matches(device):
         fallback = check_against_reference(s, t, p, teacher_grad=True,
                                            fn=kdfast.reference.attention_transfer_loss)
         torch.testing.assert_close(ours[0], fallback[0], rtol=2e-6, atol=1e-9)
+
+
+def test_without_extension_falls_back_to_reference():
+    """KDFAST_DISABLE_EXTENSION=1: the function and the module run the plain-PyTorch
+    reference (one warning) and give the kernels' numbers."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = textwrap.dedent(f"""
+        import sys, warnings
+        sys.path[:0] = [{root!r}]
+        import torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import kdfast
+            torch.manual_seed(0)
+            s = torch.randn(2, 6, 7, 5, requires_grad=True)
+            t = torch.randn(2, 4, 7, 5)
+            loss = kdfast.attention_transfer_loss(s, t, p=2.5)
+            loss.backward()
+            kdfast.AttentionTransferLoss()([s], [t])
+        assert not kdfast.has_extension()
+        n = sum("reference" in str(w.message) for w in caught)
+        print(n, repr(float(loss.detach())), repr(float(s.grad.abs().sum())))
+    """)
+    env = dict(os.environ, KDFAST_DISABLE_EXTENSION="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n_warnings, loss, grad_sum = proc.stdout.split()
+    assert int(n_warnings) == 1
+    torch.manual_seed(0)
+    s = torch.randn(2, 6, 7, 5, requires_grad=True)
+    t = torch.randn(2, 4, 7, 5)
+    ours = kdfast.attention_transfer_loss(s, t, p=2.5)
+    ours.backward()
+    ours = float(ours.detach())
+    assert abs(float(loss) - ours) <= 1e-5 * abs(ours)
+    assert abs(float(grad_sum) - float(s.grad.abs().sum())) <= 1e-4 * float(s.grad.abs().sum())
 
 
 # ----------------------------------------------------------------------------- errors

@@ -35,6 +35,11 @@ CHILD = textwrap.dedent("""
         ((2, 5, 6, 7), 3, torch.float64, torch.float64, False, True),
         ((4, 40, 1, 1), 24, torch.float32, torch.float32, False, False),
         ((2, 1, 9, 9), 1, torch.float32, torch.float16, False, False),
+        # rows on the vector grid: the streaming gradient stores of every dtype
+        ((2, 12, 8, 8), 16, torch.bfloat16, torch.float16, False, True),
+        ((2, 32, 4, 4), 16, torch.float16, torch.bfloat16, True, False),
+        ((2, 8, 4, 4), 8, torch.float64, torch.float64, False, True),
+        ((3, 32, 8, 8), 48, torch.float32, torch.float32, True, False),
     ]
     for i, (shape, tc, s_dtype, t_dtype, s_cl, t_cl) in enumerate(cases):
         s = feature_map(shape, dtype=s_dtype, channels_last=s_cl)
