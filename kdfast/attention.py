@@ -42,7 +42,8 @@ def attention_transfer_loss(student_feat: FeatureMaps, teacher_feat: FeatureMaps
     loss and, when autograd will need it, the gradient ``(p / C) |x|**(p-1) sign(x) dL/dA``
     of the inputs in the same call; the backward only scales that kept gradient by the
     incoming gradient (in place, nothing when it is 1). On CPU a thread takes one sample
-    at a time and reads it again for the gradient while it is still in cache. float16
+    at a time and reads it again for the gradient while it is still in cache (each input
+    is read from memory once, the gradient written once). float16
     gradients are computed in the backward instead, where a loss scale is known (one more
     read of the inputs). Memory kept between forward and backward: the gradient (like
     its input), ``[N, 5]`` per-sample statistics, and references to the inputs; no

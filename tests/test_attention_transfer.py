@@ -321,7 +321,7 @@ def test_accumulates_and_features_from_earlier_ops(device):
     loss64 = ((_ref_attention(feat64) - _ref_attention(t.double())) ** 2).mean() + \
         feat64.square().mean() * 1e-3
     loss64.backward()
-    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double().cpu(), w64.grad.cpu(), rtol=1e-4, atol=1e-6)
 
 
 def _ref_attention(x):

@@ -10,7 +10,10 @@
 //   2. the sample's statistics (norms, inner products, squared distance) from the maps,
 //   3. with gradients: the position weights w[j] (in place of the maps), then
 //      dL/dx[c, j] = w[j] |x|^(p-1) sign(x), re-reading the sample while it is still in
-//      cache (L2 / L3: a 256 x 56 x 56 float32 sample is 3.2 MB).
+//      cache (L2 / L3: a 256 x 56 x 56 float32 sample is 3.2 MB) and writing the
+//      gradient with streaming stores (GradStore).
+// The gradient needs the whole sample's norms, so the sample cannot be split into
+// cache-sized blocks between phases 1 and 3; each input is still read from memory once.
 // Per thread, two buffers of H * W accumulators; nothing else is allocated.
 #pragma once
 
