@@ -59,9 +59,9 @@ c10::IntArrayRef row_shape(const at::Tensor& logits) {
   return logits.sizes().slice(0, logits.dim() - 1);
 }
 
-at::Tensor empty_gradient_like(const at::Tensor& like, bool wanted) {
+at::Tensor empty_gradient_like(const at::Tensor& like, bool wanted, at::MemoryFormat format) {
   if (!wanted) return at::empty({0}, like.options());
-  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(format));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   // A gradient-sized CPU buffer is written once, right after allocation; with 4 KiB
   // pages its first-touch faults cost more than the kernel, so hint transparent huge

@@ -19,8 +19,10 @@ at::Tensor rows_addressable(const at::Tensor& x, RowLayout& layout);
 // Leading shape of a [..., D] tensor, i.e. the shape of a per-row result.
 c10::IntArrayRef row_shape(const at::Tensor& x);
 
-// Gradient-sized output (contiguous, like `like`), or an empty tensor when not wanted.
-// Large CPU buffers get a transparent-huge-page hint (KDFAST_CPU_HUGEPAGES=0: none).
-at::Tensor empty_gradient_like(const at::Tensor& like, bool wanted);
+// Gradient-sized output (contiguous unless `format` says otherwise, like `like`), or an
+// empty tensor when not wanted. Large CPU buffers get a transparent-huge-page hint
+// (KDFAST_CPU_HUGEPAGES=0: none).
+at::Tensor empty_gradient_like(const at::Tensor& like, bool wanted,
+                               at::MemoryFormat format = at::MemoryFormat::Contiguous);
 
 }  // namespace kdfast

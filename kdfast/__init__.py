@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from kdfast import ops as _ops  # noqa: F401  (registers fake / autograd for the ops)
 from kdfast import reference
 from kdfast._extension import build_info, has_extension, has_kernel
+from kdfast.attention import AttentionTransferLoss, attention_transfer_loss
 from kdfast.dkd import DKDLoss, dkd_loss
 from kdfast.feature import FeatureLoss, feature_loss
 from kdfast.functional import DIVERGENCES, REDUCTIONS, kd_loss
@@ -24,6 +25,7 @@ from kdfast.relational import PKTLoss, RKDLoss, SPLoss, pkt_loss, rkd_loss, sp_l
 __all__ = [
     "DIVERGENCES",
     "REDUCTIONS",
+    "AttentionTransferLoss",
     "DKDLoss",
     "FeatureLoss",
     "HintLoss",
@@ -31,6 +33,7 @@ __all__ = [
     "PKTLoss",
     "RKDLoss",
     "SPLoss",
+    "attention_transfer_loss",
     "build_info",
     "dkd_loss",
     "feature_loss",

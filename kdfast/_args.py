@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 
@@ -167,3 +169,67 @@ def feature_mean_divisor(mask: torch.Tensor | None, rows: int, dim: int,
     if mask is None:
         return max(rows, 1) * per_row
     return mask.sum().clamp_(min=1) * per_row
+
+
+# --- attention_transfer_loss ---------------------------------------------------------------
+
+FeatureMaps = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def check_at_p(p: float) -> float:
+    """Validates the exponent: a finite number >= 1."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"attention_transfer_loss: p must be a float, got {type(p).__name__}")
+    if not (math.isfinite(p) and p >= 1):
+        raise ValueError(f"attention_transfer_loss: p must be finite and >= 1, got {p}")
+    return float(p)
+
+
+def check_feature_maps(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+                       where: str = "") -> None:
+    """Validates one pair of feature maps (``where`` names the pair in a list)."""
+    for name, x in (("student_feat", student_feat), ("teacher_feat", teacher_feat)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"attention_transfer_loss: {name}{where} must be a torch.Tensor, "
+                            f"got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"attention_transfer_loss: {name}{where} must be float32, float16 or "
+                            f"bfloat16 (float64 for testing), got {x.dtype}")
+        if x.dim() != 4:
+            raise ValueError(f"attention_transfer_loss: {name}{where} must be a 4-D [N, C, H, W] "
+                             f"feature map, got shape {tuple(x.shape)}")
+        if min(x.shape) < 1:
+            raise ValueError(f"attention_transfer_loss: {name}{where} must have N, C, H, W >= 1, "
+                             f"got shape {tuple(x.shape)}")
+    s, t = student_feat.shape, teacher_feat.shape
+    if s[0] != t[0] or s[2:] != t[2:]:
+        raise ValueError("attention_transfer_loss: student_feat and teacher_feat must have the same "
+                         f"N, H and W (channel counts may differ){where}, got shapes {tuple(s)} "
+                         f"and {tuple(t)}")
+    if (student_feat.dtype == torch.float64) != (teacher_feat.dtype == torch.float64):
+        raise TypeError(f"attention_transfer_loss: float64 student_feat and teacher_feat{where} must "
+                        f"both be float64, got {student_feat.dtype} and {teacher_feat.dtype}")
+    if student_feat.device != teacher_feat.device:
+        raise ValueError(f"attention_transfer_loss: student_feat and teacher_feat{where} must be on "
+                         f"the same device, got {student_feat.device} and {teacher_feat.device}")
+
+
+def feature_map_pairs(student_feat: FeatureMaps, teacher_feat: FeatureMaps) -> list:
+    """The (student, teacher) pairs of a call: one pair, or the pairs of two equally long
+    lists / tuples."""
+    s_list = isinstance(student_feat, (list, tuple))
+    t_list = isinstance(teacher_feat, (list, tuple))
+    if not s_list and not t_list:
+        return [(student_feat, teacher_feat)]
+    if s_list != t_list:
+        which, other = ("student_feat", "teacher_feat") if s_list else ("teacher_feat", "student_feat")
+        kind = type(student_feat if s_list else teacher_feat).__name__
+        raise TypeError(f"attention_transfer_loss: {which} is a {kind} of feature maps but {other} "
+                        "is not; pass two lists of the same length or two tensors")
+    if len(student_feat) != len(teacher_feat):
+        raise ValueError("attention_transfer_loss: student_feat and teacher_feat must hold the same "
+                         f"number of feature maps, got {len(student_feat)} and {len(teacher_feat)}")
+    if len(student_feat) == 0:
+        raise ValueError("attention_transfer_loss: student_feat and teacher_feat must hold at least "
+                         "one feature map each, got empty sequences")
+    return list(zip(student_feat, teacher_feat))

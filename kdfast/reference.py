@@ -22,9 +22,13 @@ import torch.nn.functional as F
 from kdfast._args import (
     DIVERGENCES,
     REDUCTIONS,
+    FeatureMaps,
+    check_at_p,
+    check_feature_maps,
     check_label_values,
     check_options,
     check_tensors,
+    feature_map_pairs,
     reduce_rows,
 )
 
@@ -341,3 +345,27 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
     rows = dkd_loss_rows(student_logits, teacher_logits, labels, alpha, beta, temperature,
                          ignore_index)
     return reduce_rows(rows, labels, ignore_index, reduction)
+
+
+# --- attention transfer -------------------------------------------------------------------
+
+
+def attention_map(x: Tensor, p: float = 2.0) -> Tensor:
+    """Normalised attention map of an ``[N, C, H, W]`` feature map: ``[N, H * W]``,
+    ``F.normalize(mean_C |x|**p, dim=1)``, in float32 (float64 for float64 inputs)."""
+    return F.normalize(x.to(_acc_dtype(x)).abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+def attention_transfer_loss(student_feat: FeatureMaps, teacher_feat: FeatureMaps, *,
+                            p: float = 2.0) -> Tensor:
+    """Reference :func:`kdfast.attention_transfer_loss`: same arguments, same result,
+    plain PyTorch (the attention maps and their difference are materialised)."""
+    p = check_at_p(p)
+    pairs = feature_map_pairs(student_feat, teacher_feat)
+    single = isinstance(student_feat, Tensor)
+    total = None
+    for i, (s, t) in enumerate(pairs):
+        check_feature_maps(s, t, "" if single else f" (pair {i})")
+        loss = (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
+        total = loss if total is None else total + loss
+    return total

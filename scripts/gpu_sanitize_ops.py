@@ -28,7 +28,7 @@ import math
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +144,8 @@ def make_cases() -> list:
                            ("reduction", ("mean", "sum", "none")[i % 3])),
                           extra=(("mask", ("none", "some", "empty")[(i // 2) % 3]),)))
     for i, ((s, t), hw) in enumerate(itertools.product(PAIRS, ((1, 1), (7, 5), (8, 8), (9, 13)))):
-        cases.append(Case("attention", ((1, 2, 3)[i % 3], (1, 3, 16)[i % 3], *hw), s, t, MODES[i % len(MODES)],
+        cases.append(Case("attention", ((1, 2, 3)[i % 3], (1, 3, 16)[i % 3], *hw), s, t,
+                          MODES[i % len(MODES)],
                           ("contiguous", "channels_last", "rows_offset")[i % 3],
                           (("p", (2.0, 1.0, 3.0, 2.5)[i % 4]),), teacher_channels=(0, 5)[i % 2]))
     return cases
@@ -243,7 +244,8 @@ def run_case(case: Case, device: str, seed: int) -> list:
     refs = [v(b).double().detach().requires_grad_(need and backwards > 0)
             for (b, v), need in zip(inputs, (need_s, need_t))]
     if case.op == "dkd":
-        ref = ref_dkd(*refs, labels, opts["alpha"], opts["beta"], opts["temperature"], -100, opts["reduction"])
+        ref = ref_dkd(*refs, labels, opts["alpha"], opts["beta"], opts["temperature"], -100,
+                      opts["reduction"])
     elif case.op == "feature":
         ref = ref_feature(*refs, mask, opts["kind"], opts["normalize"], opts["reduction"])
     else:

@@ -61,7 +61,10 @@ def _scaled(kept: torch.Tensor, grad_loss: torch.Tensor, per_row: bool, traced: 
         scale = grad_loss.unsqueeze(-1) if per_row else grad_loss
         return (kept * scale).to(kept.dtype)
     out = kept.clone() if keep_graph else kept
-    torch.ops.kdfast.kd_loss_scale_grad_(out, grad_loss)
+    # One scale for every element: a gradient in another dense layout (channels_last)
+    # is scaled through a flat alias of its memory.
+    target = out if per_row or out.is_contiguous() else out.as_strided((out.numel(),), (1,))
+    torch.ops.kdfast.kd_loss_scale_grad_(target, grad_loss)
     return out
 
 
