@@ -63,7 +63,9 @@ def ref_dkd(s, t, labels, alpha, beta, temperature, ignore_index, reduction):
     tckd = (bt.exp() * (bt - bs)).sum(-1)
     ns = s.masked_fill(target, -math.inf).log_softmax(-1)
     nt = t.masked_fill(target, -math.inf).log_softmax(-1)
-    nckd = torch.where(target, 0.0, nt.exp() * (nt - ns)).sum(-1)
+    # the target's -inf - -inf left out before the product (a NaN there would reach the
+    # gradient through where()'s other branch)
+    nckd = (nt.exp() * (nt.masked_fill(target, 0.0) - ns.masked_fill(target, 0.0))).sum(-1)
     rows = torch.where(keep, temperature**2 * (alpha * tckd + beta * nckd), 0.0)
     if reduction == "none":
         return rows
@@ -176,7 +178,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> str | None:
         return None
     err = (got - want).abs().max().item()
     scale = want.abs().max().item()
-    return None if err <= rtol * scale + 1e-12 else f"max error {err:.3g} (largest value {scale:.3g})"
+    # the absolute floor covers gradients that are exactly 0 in float64 but rounding
+    # noise in float32 (e.g. D = 1 under normalize, where only signs matter)
+    return None if err <= rtol * (scale + 1e-3) else f"max error {err:.3g} (largest value {scale:.3g})"
 
 
 TOL = {"fp64": 1e-9, "fp32": 2e-4, "fp16": 4e-3, "bf16": 2e-2}

@@ -4,6 +4,7 @@ compute-sanitizer on a GPU must pass here too (and the script must catch a wrong
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_sanitize_ops.py"
 def load_script():
     spec = importlib.util.spec_from_file_location("gpu_sanitize_ops", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
