@@ -81,4 +81,39 @@ at::Tensor empty_gradient_like(const at::Tensor& like, bool wanted, at::MemoryFo
   return out;
 }
 
+FusedRowOutputs allocate_fused_row_outputs(const at::Tensor& student, const at::Tensor& teacher, int64_t rows,
+                                           int64_t stats_cols, at::ScalarType acc, Reduction reduction,
+                                           bool student_requires_grad, bool teacher_requires_grad) {
+  const auto opts = student.options().dtype(acc);
+  FusedRowOutputs out;
+  if (reduction == Reduction::None) {
+    out.loss = at::empty(row_shape(student), opts);
+    out.rows_loss = out.loss.view({rows});
+  } else {
+    out.loss = at::empty({}, opts);
+    out.rows_loss = at::empty({rows}, opts);
+  }
+  out.stats = at::empty({rows, stats_cols}, opts);
+  out.grad_student = empty_gradient_like(student, student_requires_grad);
+  out.grad_teacher = empty_gradient_like(teacher, teacher_requires_grad);
+  return out;
+}
+
+RowBackwardInputs check_row_backward_inputs(const char* op, const char* student_name, at::Device device,
+                                            at::ScalarType acc, int64_t rows, int64_t stats_cols,
+                                            const at::Tensor& grad_loss, const at::Tensor& stats) {
+  TORCH_CHECK(grad_loss.device() == device, op, "_backward: grad_loss must be on the device of ", student_name,
+              " (", device, "), got ", grad_loss.device());
+  TORCH_CHECK(stats.device() == device, op, "_backward: stats must be on the device of ", student_name, " (",
+              device, "), got ", stats.device());
+  TORCH_CHECK(grad_loss.scalar_type() == acc, op, "_backward: grad_loss must be ", acc, ", got ",
+              grad_loss.scalar_type());
+  TORCH_CHECK(grad_loss.numel() == rows, op, "_backward: grad_loss must have ", rows,
+              " elements (one per row), got ", grad_loss.numel());
+  TORCH_CHECK(stats.scalar_type() == acc && stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == stats_cols,
+              op, "_backward: stats must be ", acc, " [", rows, ", ", stats_cols, "] from ", op, "_fused, got ",
+              stats.scalar_type(), " ", stats.sizes());
+  return {grad_loss.reshape({rows}).contiguous(), stats.contiguous()};
+}
+
 }  // namespace kdfast

@@ -57,13 +57,7 @@ DkdProblem prepare_dkd(const at::Tensor& student, const at::Tensor& teacher, con
 // Checks the reduction code of dkd_loss_fused.
 Reduction check_dkd_reduction(int64_t reduction);
 
-struct DkdFusedOutputs {
-  at::Tensor loss;          // reduced loss: 0-dim, or [...] for Reduction::None
-  at::Tensor stats;         // [rows, kDkdStatsCols]
-  at::Tensor grad_student;  // like student (contiguous), or empty when not requested
-  at::Tensor grad_teacher;
-  at::Tensor rows_loss;     // [rows] per-row loss (a view of loss for Reduction::None)
-};
+using DkdFusedOutputs = FusedRowOutputs;
 
 // Allocates the outputs and points params at them (no gradient weight yet).
 DkdFusedOutputs prepare_dkd_fused(DkdProblem& problem, Reduction reduction, bool student_requires_grad,
@@ -71,10 +65,7 @@ DkdFusedOutputs prepare_dkd_fused(DkdProblem& problem, Reduction reduction, bool
 
 // Backward-only inputs, checked against the problem and made flat / contiguous; fills
 // params.grad_loss and params.stats_in. The returned tensors must outlive the kernel.
-struct DkdBackwardInputs {
-  at::Tensor grad_loss;  // [rows]
-  at::Tensor stats;      // [rows, kDkdStatsCols]
-};
+using DkdBackwardInputs = RowBackwardInputs;
 DkdBackwardInputs prepare_dkd_backward(DkdProblem& problem, const at::Tensor& grad_loss, const at::Tensor& stats);
 
 // The error for a label outside [0, vocab) that is not ignore_index.

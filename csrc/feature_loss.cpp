@@ -57,45 +57,19 @@ Reduction check_feature_reduction(int64_t reduction) {
 
 FeatureLossFusedOutputs prepare_feature_loss_fused(FeatureLossProblem& problem, Reduction reduction,
                                                    bool student_requires_grad, bool teacher_requires_grad) {
-  FeatureLossParams& p = problem.params;
-  const auto acc = problem.student.options().dtype(problem.acc_dtype);
-  FeatureLossFusedOutputs out;
-  if (reduction == Reduction::None) {
-    out.loss = at::empty(row_shape(problem.student), acc);
-    out.rows_loss = out.loss.view({p.rows});
-  } else {
-    out.loss = at::empty({}, acc);
-    out.rows_loss = at::empty({p.rows}, acc);
-  }
-  out.stats = at::empty({p.rows, kFeatureStatsCols}, acc);
-  out.grad_student = empty_gradient_like(problem.student, student_requires_grad);
-  out.grad_teacher = empty_gradient_like(problem.teacher, teacher_requires_grad);
-  p.loss = out.rows_loss.data_ptr();
-  p.stats = out.stats.data_ptr();
-  p.grad_student = student_requires_grad ? out.grad_student.data_ptr() : nullptr;
-  p.grad_teacher = teacher_requires_grad ? out.grad_teacher.data_ptr() : nullptr;
-  p.grad_loss = nullptr;
-  p.grad_loss_stride = 0;
+  auto& p = problem.params;
+  FeatureLossFusedOutputs out =
+      allocate_fused_row_outputs(problem.student, problem.teacher, p.rows, kFeatureStatsCols, problem.acc_dtype,
+                                 reduction, student_requires_grad, teacher_requires_grad);
+  point_params_at(p, out, student_requires_grad, teacher_requires_grad);
   return out;
 }
 
 FeatureLossBackwardInputs prepare_feature_loss_backward(FeatureLossProblem& problem, const at::Tensor& grad_loss,
                                                         const at::Tensor& stats) {
-  FeatureLossParams& p = problem.params;
-  const at::Device device = problem.student.device();
-  TORCH_CHECK(grad_loss.device() == device, "feature_loss_backward: grad_loss must be on the device of student (",
-              device, "), got ", grad_loss.device());
-  TORCH_CHECK(stats.device() == device, "feature_loss_backward: stats must be on the device of student (", device,
-              "), got ", stats.device());
-  TORCH_CHECK(grad_loss.scalar_type() == problem.acc_dtype, "feature_loss_backward: grad_loss must be ",
-              problem.acc_dtype, ", got ", grad_loss.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == p.rows, "feature_loss_backward: grad_loss must have ", p.rows,
-              " elements (one per row), got ", grad_loss.numel());
-  TORCH_CHECK(stats.scalar_type() == problem.acc_dtype && stats.dim() == 2 && stats.size(0) == p.rows &&
-                  stats.size(1) == kFeatureStatsCols,
-              "feature_loss_backward: stats must be ", problem.acc_dtype, " [", p.rows, ", ", kFeatureStatsCols,
-              "] from feature_loss_fused, got ", stats.scalar_type(), " ", stats.sizes());
-  FeatureLossBackwardInputs in{grad_loss.reshape({p.rows}).contiguous(), stats.contiguous()};
+  auto& p = problem.params;
+  FeatureLossBackwardInputs in = check_row_backward_inputs("feature_loss", "student", problem.student.device(),
+                                                problem.acc_dtype, p.rows, kFeatureStatsCols, grad_loss, stats);
   p.grad_loss = in.grad_loss.const_data_ptr();
   p.grad_loss_stride = 1;
   p.stats_in = in.stats.const_data_ptr();

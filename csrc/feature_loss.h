@@ -56,13 +56,7 @@ FeatureLossProblem prepare_feature_loss(const at::Tensor& student, const at::Ten
 // Checks the reduction code.
 Reduction check_feature_reduction(int64_t reduction);
 
-struct FeatureLossFusedOutputs {
-  at::Tensor loss;          // reduced loss: 0-dim, or [...] for Reduction::None
-  at::Tensor stats;         // [rows, kFeatureStatsCols]
-  at::Tensor grad_student;  // like student (contiguous), or empty when not requested
-  at::Tensor grad_teacher;
-  at::Tensor rows_loss;     // [rows] per-row loss (a view of loss for Reduction::None)
-};
+using FeatureLossFusedOutputs = FusedRowOutputs;
 
 // Allocates the outputs and points params at them (no gradient weight yet).
 FeatureLossFusedOutputs prepare_feature_loss_fused(FeatureLossProblem& problem, Reduction reduction,
@@ -70,10 +64,7 @@ FeatureLossFusedOutputs prepare_feature_loss_fused(FeatureLossProblem& problem, 
 
 // Backward-only inputs, checked and made flat / contiguous; fills params.grad_loss and
 // params.stats_in. The returned tensors must outlive the kernel.
-struct FeatureLossBackwardInputs {
-  at::Tensor grad_loss;  // [rows]
-  at::Tensor stats;      // [rows, kFeatureStatsCols]
-};
+using FeatureLossBackwardInputs = RowBackwardInputs;
 FeatureLossBackwardInputs prepare_feature_loss_backward(FeatureLossProblem& problem, const at::Tensor& grad_loss,
                                                         const at::Tensor& stats);
 

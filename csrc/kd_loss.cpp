@@ -77,45 +77,19 @@ KdLossProblem prepare_kd_loss(const at::Tensor& student, const at::Tensor& teach
 
 KdLossFusedOutputs prepare_kd_loss_fused(KdLossProblem& problem, Reduction reduction,
                                          bool student_requires_grad, bool teacher_requires_grad) {
-  KdLossParams& p = problem.params;
-  const auto acc = problem.student.options().dtype(problem.acc_dtype);
-  KdLossFusedOutputs out;
-  if (reduction == Reduction::None) {
-    out.loss = at::empty(row_shape(problem.student), acc);
-    out.rows_loss = out.loss.view({p.rows});
-  } else {
-    out.loss = at::empty({}, acc);
-    out.rows_loss = at::empty({p.rows}, acc);
-  }
-  out.stats = at::empty({p.rows, kStatsCols}, acc);
-  out.grad_student = empty_gradient_like(problem.student, student_requires_grad);
-  out.grad_teacher = empty_gradient_like(problem.teacher, teacher_requires_grad);
-  p.loss = out.rows_loss.data_ptr();
-  p.stats = out.stats.data_ptr();
-  p.grad_student = student_requires_grad ? out.grad_student.data_ptr() : nullptr;
-  p.grad_teacher = teacher_requires_grad ? out.grad_teacher.data_ptr() : nullptr;
-  p.grad_loss = nullptr;
-  p.grad_loss_stride = 0;
+  auto& p = problem.params;
+  KdLossFusedOutputs out =
+      allocate_fused_row_outputs(problem.student, problem.teacher, p.rows, kStatsCols, problem.acc_dtype,
+                                 reduction, student_requires_grad, teacher_requires_grad);
+  point_params_at(p, out, student_requires_grad, teacher_requires_grad);
   return out;
 }
 
 KdLossBackwardInputs prepare_kd_loss_backward(KdLossProblem& problem, const at::Tensor& grad_loss,
                                               const at::Tensor& stats) {
-  KdLossParams& p = problem.params;
-  const at::Device device = problem.student.device();
-  TORCH_CHECK(grad_loss.device() == device, "kd_loss_backward: grad_loss must be on the device of student_logits (",
-              device, "), got ", grad_loss.device());
-  TORCH_CHECK(stats.device() == device, "kd_loss_backward: stats must be on the device of student_logits (",
-              device, "), got ", stats.device());
-  TORCH_CHECK(grad_loss.scalar_type() == problem.acc_dtype, "kd_loss_backward: grad_loss must be ",
-              problem.acc_dtype, ", got ", grad_loss.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == p.rows, "kd_loss_backward: grad_loss must have ", p.rows,
-              " elements (one per row), got ", grad_loss.numel());
-  TORCH_CHECK(stats.scalar_type() == problem.acc_dtype && stats.dim() == 2 && stats.size(0) == p.rows &&
-                  stats.size(1) == kStatsCols,
-              "kd_loss_backward: stats must be ", problem.acc_dtype, " [", p.rows, ", ", kStatsCols,
-              "] from kd_loss_forward, got ", stats.scalar_type(), " ", stats.sizes());
-  KdLossBackwardInputs in{grad_loss.reshape({p.rows}).contiguous(), stats.contiguous()};
+  auto& p = problem.params;
+  KdLossBackwardInputs in = check_row_backward_inputs("kd_loss", "student_logits", problem.student.device(),
+                                                problem.acc_dtype, p.rows, kStatsCols, grad_loss, stats);
   p.grad_loss = in.grad_loss.const_data_ptr();
   p.stats_in = in.stats.const_data_ptr();
   return in;

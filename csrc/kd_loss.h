@@ -61,13 +61,7 @@ KdLossProblem prepare_kd_loss(const at::Tensor& student, const at::Tensor& teach
                               int64_t ignore_index, double softcap);
 
 // Outputs of kd_loss_fused, allocated by prepare_kd_loss_fused.
-struct KdLossFusedOutputs {
-  at::Tensor loss;       // reduced loss: 0-dim, or [...] for Reduction::None
-  at::Tensor stats;      // [rows, kStatsCols]
-  at::Tensor grad_student;  // like student (contiguous), or empty when not requested
-  at::Tensor grad_teacher;
-  at::Tensor rows_loss;  // [rows] per-row loss (a view of loss for Reduction::None)
-};
+using KdLossFusedOutputs = FusedRowOutputs;
 
 // Allocates the outputs and points params at them (no gradient weight yet).
 KdLossFusedOutputs prepare_kd_loss_fused(KdLossProblem& problem, Reduction reduction,
@@ -76,10 +70,7 @@ KdLossFusedOutputs prepare_kd_loss_fused(KdLossProblem& problem, Reduction reduc
 // Backward-only inputs, checked against the prepared problem (device, dtype, one
 // grad_loss value and one stats row per row) and made flat / contiguous; fills
 // params.grad_loss and params.stats_in. The returned tensors must outlive the kernel.
-struct KdLossBackwardInputs {
-  at::Tensor grad_loss;  // [rows]
-  at::Tensor stats;      // [rows, kStatsCols]
-};
+using KdLossBackwardInputs = RowBackwardInputs;
 KdLossBackwardInputs prepare_kd_loss_backward(KdLossProblem& problem, const at::Tensor& grad_loss,
                                               const at::Tensor& stats);
 

@@ -22,6 +22,19 @@ from __future__ import annotations
 import torch
 
 
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of a fused op's loss and statistics: float64 for float64 inputs, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def empty_or_like(x: torch.Tensor, wanted: bool) -> torch.Tensor:
+    """A fused op's gradient output in fake / meta kernels: contiguous like ``x``, or an
+    empty tensor when not requested."""
+    if wanted:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty(0)
+
+
 def gradient_in_forward(x: torch.Tensor) -> bool:
     """Whether a fused op should compute (and keep) the gradient of ``x`` in its forward.
 

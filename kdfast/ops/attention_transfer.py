@@ -16,10 +16,6 @@ from kdfast.ops import _kept
 STATS_COLS = 5  # ||A_s||, ||A_t||, <a_s, a_s - a_t>, <a_t, a_s - a_t>, ||a_s - a_t||^2
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def gradient_is_channels_last(x: torch.Tensor) -> bool:
     """Whether the kernels give ``x`` a channels_last gradient: for channels_last inputs
     (read in place); every other input gets a contiguous gradient."""
@@ -45,7 +41,7 @@ def _check_shapes(student: torch.Tensor, teacher: torch.Tensor) -> None:
 def _attention_transfer_fused_fake(student, teacher, p, student_requires_grad,
                                    teacher_requires_grad):
     _check_shapes(student, teacher)
-    acc = _acc_dtype(student)
+    acc = _kept.acc_dtype(student)
     loss = student.new_empty((), dtype=acc)
     stats = student.new_empty((student.shape[0], STATS_COLS), dtype=acc)
     return (loss, stats, _gradient_like(student, student_requires_grad),

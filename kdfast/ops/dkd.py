@@ -20,16 +20,6 @@ _REDUCTION_BATCHMEAN = 0
 _REDUCTION_NONE = 2
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _empty_or_like(x: torch.Tensor, wanted: bool) -> torch.Tensor:
-    if wanted:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return x.new_empty(0)
-
-
 def _check_shapes(student, teacher, labels) -> None:
     torch._check(student.dim() >= 1, lambda: "dkd_loss: student_logits must have shape [..., V]")
     torch._check(student.shape == teacher.shape,
@@ -43,20 +33,20 @@ def _dkd_loss_fused_fake(student, teacher, labels, alpha, beta, temperature, ign
                          reduction, student_requires_grad, teacher_requires_grad):
     _check_shapes(student, teacher, labels)
     rows = math.prod(student.shape[:-1])
-    acc = _acc_dtype(student)
+    acc = _kept.acc_dtype(student)
     shape = student.shape[:-1] if reduction == _REDUCTION_NONE else ()
     loss = student.new_empty(shape, dtype=acc)
     stats = student.new_empty((rows, STATS_COLS), dtype=acc)
-    return (loss, stats, _empty_or_like(student, student_requires_grad),
-            _empty_or_like(teacher, teacher_requires_grad))
+    return (loss, stats, _kept.empty_or_like(student, student_requires_grad),
+            _kept.empty_or_like(teacher, teacher_requires_grad))
 
 
 @torch.library.register_fake("kdfast::dkd_loss_backward")
 def _dkd_loss_backward_fake(grad_loss, student, teacher, labels, stats, alpha, beta, temperature,
                             ignore_index, student_requires_grad, teacher_requires_grad):
     _check_shapes(student, teacher, labels)
-    return (_empty_or_like(student, student_requires_grad),
-            _empty_or_like(teacher, teacher_requires_grad))
+    return (_kept.empty_or_like(student, student_requires_grad),
+            _kept.empty_or_like(teacher, teacher_requires_grad))
 
 
 def _setup_context(ctx, inputs, output):

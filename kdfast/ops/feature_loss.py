@@ -22,16 +22,6 @@ _REDUCTION_MEAN = 0
 _REDUCTION_NONE = 2
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _empty_or_like(x: torch.Tensor, wanted: bool) -> torch.Tensor:
-    if wanted:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return x.new_empty(0)
-
-
 def _check_shapes(student, teacher):
     torch._check(student.shape == teacher.shape,
                  lambda: "feature_loss: student and teacher must have the same shape")
@@ -43,20 +33,20 @@ def _feature_loss_fused_fake(student, teacher, mask, kind, normalize, reduction,
                              student_requires_grad, teacher_requires_grad):
     _check_shapes(student, teacher)
     rows = math.prod(student.shape[:-1])
-    acc = _acc_dtype(student)
+    acc = _kept.acc_dtype(student)
     shape = student.shape[:-1] if reduction == _REDUCTION_NONE else ()
     loss = student.new_empty(shape, dtype=acc)
     stats = student.new_empty((rows, _STATS_COLS), dtype=acc)
-    return (loss, stats, _empty_or_like(student, student_requires_grad),
-            _empty_or_like(teacher, teacher_requires_grad))
+    return (loss, stats, _kept.empty_or_like(student, student_requires_grad),
+            _kept.empty_or_like(teacher, teacher_requires_grad))
 
 
 @torch.library.register_fake("kdfast::feature_loss_backward")
 def _feature_loss_backward_fake(grad_loss, student, teacher, mask, stats, kind, normalize,
                                 student_requires_grad, teacher_requires_grad):
     _check_shapes(student, teacher)
-    return (_empty_or_like(student, student_requires_grad),
-            _empty_or_like(teacher, teacher_requires_grad))
+    return (_kept.empty_or_like(student, student_requires_grad),
+            _kept.empty_or_like(teacher, teacher_requires_grad))
 
 
 def _setup_context(ctx, inputs, output):

@@ -20,16 +20,6 @@ _STATS_COLS = 7
 _REDUCTION_NONE = 2
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _empty_or_like(x: torch.Tensor, wanted: bool) -> torch.Tensor:
-    if wanted:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return x.new_empty(0)
-
-
 @torch.library.register_fake("kdfast::kd_loss_fused")
 def _kd_loss_fused_fake(student, teacher, labels, temperature, alpha, divergence, beta,
                         ignore_index, softcap, reduction, student_requires_grad,
@@ -38,12 +28,12 @@ def _kd_loss_fused_fake(student, teacher, labels, temperature, alpha, divergence
                  lambda: "kd_loss: student_logits and teacher_logits must have the same shape")
     torch._check(student.dim() >= 1, lambda: "kd_loss: student_logits must have shape [..., V]")
     rows = math.prod(student.shape[:-1])
-    acc = _acc_dtype(student)
+    acc = _kept.acc_dtype(student)
     shape = student.shape[:-1] if reduction == _REDUCTION_NONE else ()
     loss = student.new_empty(shape, dtype=acc)
     stats = student.new_empty((rows, _STATS_COLS), dtype=acc)
-    return (loss, stats, _empty_or_like(student, student_requires_grad),
-            _empty_or_like(teacher, teacher_requires_grad))
+    return (loss, stats, _kept.empty_or_like(student, student_requires_grad),
+            _kept.empty_or_like(teacher, teacher_requires_grad))
 
 
 @torch.library.register_fake("kdfast::kd_loss_backward")
@@ -52,8 +42,8 @@ def _kd_loss_backward_fake(grad_loss, student, teacher, labels, stats, temperatu
                            teacher_requires_grad):
     torch._check(student.shape == teacher.shape,
                  lambda: "kd_loss: student_logits and teacher_logits must have the same shape")
-    return (_empty_or_like(student, student_requires_grad),
-            _empty_or_like(teacher, teacher_requires_grad))
+    return (_kept.empty_or_like(student, student_requires_grad),
+            _kept.empty_or_like(teacher, teacher_requires_grad))
 
 
 @torch.library.register_fake("kdfast::kd_loss_scale_grad_")
