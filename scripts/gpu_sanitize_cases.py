@@ -217,8 +217,9 @@ def _tolerance(dtype_name: str) -> float:
     return {"fp64": 1e-9, "fp32": 1e-4, "fp16": 2e-3, "bf16": 1e-2}[dtype_name]
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> str | None:
-    """None when ``got`` matches ``want`` to ``rtol`` of want's largest magnitude, else why not."""
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float, floor: float = 1e-12) -> str | None:
+    """None when ``got`` matches ``want`` to ``rtol`` of want's largest magnitude (plus ``floor``),
+    else why not."""
     got, want = got.detach().cpu().double(), want.detach().double()
     if got.shape != want.shape:
         return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
@@ -228,7 +229,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> str | None:
         return None
     err = (got - want).abs().max().item()
     scale = want.abs().max().item()
-    return None if err <= rtol * scale + 1e-12 else f"max error {err:.3g} (largest value {scale:.3g})"
+    return None if err <= rtol * scale + floor else f"max error {err:.3g} (largest value {scale:.3g})"
 
 
 def run_case(case: Case, device: str, seed: int) -> list:
@@ -317,6 +318,29 @@ def run_case(case: Case, device: str, seed: int) -> list:
 # ---------------------------------------------------------------------------
 
 
+def run_cases(tag: str, cases: Sequence, run: Callable, device: str, seed: int, verbose: bool) -> int:
+    """Runs every case (``run(case, device, seed) -> problems``), a crash in one not hiding
+    the others; prints each failure and a summary line starting with ``tag``. Returns the
+    exit status: 0 when every case passed, else 1."""
+    start = time.perf_counter()
+    failed = []
+    for i, case in enumerate(cases):
+        if verbose:
+            print(f"[{i + 1}/{len(cases)}] {case.name}", flush=True)
+        try:
+            problems = run(case, device, seed + i)
+        except Exception as exc:  # a crash in one case must not hide the others
+            problems = [f"raised {type(exc).__name__}: {exc}".splitlines()[0]]
+            if verbose:
+                traceback.print_exc()
+        if problems:
+            failed.append(case)
+            print(f"FAIL {case.name}: " + "; ".join(problems), flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"{tag}: {len(cases)} cases on {device}, {len(failed)} failed, {elapsed:.1f} s")
+    return 1 if failed else 0
+
+
 def kernels_missing(device: str) -> list:
     """The kdfast::kd_loss* ops without a kernel for ``device`` (all of them when none is built)."""
     prefix = "kdfast::kd_loss"
@@ -355,23 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not HAS_SOFTCAP:
         print("gpu_sanitize_cases: this kdfast.kd_loss has no softcap; skipping the softcap cases")
 
-    start = time.perf_counter()
-    failed = []
-    for i, case in enumerate(cases):
-        if args.verbose:
-            print(f"[{i + 1}/{len(cases)}] {case.name}", flush=True)
-        try:
-            problems = run_case(case, args.device, args.seed + i)
-        except Exception as exc:  # a crash in one case must not hide the others
-            problems = [f"raised {type(exc).__name__}: {exc}".splitlines()[0]]
-            if args.verbose:
-                traceback.print_exc()
-        if problems:
-            failed.append((case, problems))
-            print(f"FAIL {case.name}: " + "; ".join(problems), flush=True)
-    elapsed = time.perf_counter() - start
-    print(f"gpu_sanitize_cases: {len(cases)} cases on {args.device}, {len(failed)} failed, {elapsed:.1f} s")
-    return 1 if failed else 0
+    return run_cases("gpu_sanitize_cases", cases, run_case, args.device, args.seed, args.verbose)
 
 
 if __name__ == "__main__":

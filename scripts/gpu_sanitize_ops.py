@@ -26,8 +26,6 @@ import argparse
 import itertools
 import math
 import sys
-import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kd_loss driver, for its runner
+from gpu_sanitize_cases import _close as close_to
+from gpu_sanitize_cases import run_cases
+
 import kdfast
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -169,18 +171,9 @@ def _view(layout: str, shape: tuple) -> tuple:
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> str | None:
-    got, want = got.detach().cpu().double(), want.detach().double()
-    if got.shape != want.shape:
-        return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    if not torch.isfinite(got).all():
-        return "non-finite values"
-    if want.numel() == 0:
-        return None
-    err = (got - want).abs().max().item()
-    scale = want.abs().max().item()
     # the absolute floor covers gradients that are exactly 0 in float64 but rounding
     # noise in float32 (e.g. D = 1 under normalize, where only signs matter)
-    return None if err <= rtol * (scale + 1e-3) else f"max error {err:.3g} (largest value {scale:.3g})"
+    return close_to(got, want, rtol, floor=rtol * 1e-3)
 
 
 TOL = {"fp64": 1e-9, "fp32": 2e-4, "fp16": 4e-3, "bf16": 2e-2}
@@ -311,23 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"gpu_sanitize_ops: no {args.device} kernel for {', '.join(missing)}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    failed = []
-    for i, case in enumerate(cases):
-        if args.verbose:
-            print(f"[{i + 1}/{len(cases)}] {case.name}", flush=True)
-        try:
-            problems = run_case(case, args.device, args.seed + i)
-        except Exception as exc:  # a crash in one case must not hide the others
-            problems = [f"raised {type(exc).__name__}: {exc}".splitlines()[0]]
-            if args.verbose:
-                traceback.print_exc()
-        if problems:
-            failed.append(case)
-            print(f"FAIL {case.name}: " + "; ".join(problems), flush=True)
-    print(f"gpu_sanitize_ops: {len(cases)} cases on {args.device}, {len(failed)} failed, "
-          f"{time.perf_counter() - start:.1f} s")
-    return 1 if failed else 0
+    return run_cases("gpu_sanitize_ops", cases, run_case, args.device, args.seed, args.verbose)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #include <tuple>
 
 #include "../attention_transfer.h"
-#include "../build_info.h"
+#include "cpu_host.h"
 #include "attention_transfer_cpu.h"
 
 namespace kdfast {
@@ -22,26 +22,11 @@ struct Kernels {
   KernelFn backward;
 };
 
-// The kernels of the best instruction set that this CPU runs and this build compiled,
-// chosen once (torch reads ATEN_CPU_CAPABILITY once too).
-Kernels pick_kernels() {
-  const std::string cap = cpu_capability_in_use();
-#ifdef KDFAST_CPU_AVX512
-  if (cap == "AVX512") return {&attention_transfer_forward_avx512, &attention_transfer_backward_avx512};
-#endif
-#ifdef KDFAST_CPU_AVX2
-  if (cap == "AVX2" || cap == "AVX512") return {&attention_transfer_forward_avx2, &attention_transfer_backward_avx2};
-#endif
-  return {&attention_transfer_forward_default, &attention_transfer_backward_default};
-}
+#define ATTENTION_TRANSFER_ENTRIES(isa) {&attention_transfer_forward_##isa, &attention_transfer_backward_##isa}
 
 const Kernels& kernels() {
-  static const Kernels k = pick_kernels();
+  static const Kernels k = KDFAST_SELECT_CPU_KERNELS(Kernels, ATTENTION_TRANSFER_ENTRIES);
   return k;
-}
-
-void check_cpu(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), "attention_transfer_loss: ", name, " must be a CPU tensor here, got ", x.device());
 }
 
 // loss = sum_n ||a_s - a_t||^2 / (N P), summed in double.
@@ -57,8 +42,8 @@ void mean_loss(const at::Tensor& stats, const AttentionTransferParams& p, at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_transfer_fused_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double p, bool student_requires_grad,
     bool teacher_requires_grad) {
-  check_cpu(student, "student_feat");
-  check_cpu(teacher, "teacher_feat");
+  check_cpu(student, "attention_transfer_loss", "student_feat");
+  check_cpu(teacher, "attention_transfer_loss", "teacher_feat");
   AttentionTransferProblem problem = prepare_attention_transfer(student, teacher, p);
   AttentionTransferParams& k = problem.params;
   const auto acc = problem.student.options().dtype(problem.acc_dtype);
@@ -84,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_backward_cpu(const at::Ten
                                                                    const at::Tensor& stats, double p,
                                                                    bool student_requires_grad,
                                                                    bool teacher_requires_grad) {
-  check_cpu(student, "student_feat");
-  check_cpu(teacher, "teacher_feat");
+  check_cpu(student, "attention_transfer_loss", "student_feat");
+  check_cpu(teacher, "attention_transfer_loss", "teacher_feat");
   AttentionTransferProblem problem = prepare_attention_transfer(student, teacher, p);
   AttentionTransferParams& k = problem.params;
   const AttentionTransferBackwardInputs inputs = prepare_attention_transfer_backward(problem, grad_loss, stats);

@@ -8,8 +8,8 @@
 #include <string>
 #include <tuple>
 
-#include "../build_info.h"
 #include "../dkd.h"
+#include "cpu_host.h"
 #include "dkd_cpu.h"
 
 namespace kdfast {
@@ -23,56 +23,24 @@ struct DkdKernels {
   DkdKernelFn backward;
 };
 
-// The kernels of the best instruction set this CPU runs and this build compiled, chosen
-// once (torch reads ATEN_CPU_CAPABILITY once too).
-DkdKernels pick_dkd_kernels() {
-  const std::string cap = cpu_capability_in_use();
-#ifdef KDFAST_CPU_AVX512
-  if (cap == "AVX512") return {&dkd_forward_avx512, &dkd_backward_avx512};
-#endif
-#ifdef KDFAST_CPU_AVX2
-  if (cap == "AVX2" || cap == "AVX512") return {&dkd_forward_avx2, &dkd_backward_avx2};
-#endif
-  return {&dkd_forward_default, &dkd_backward_default};
-}
+#define DKD_ENTRIES(isa) {&dkd_forward_##isa, &dkd_backward_##isa}
 
 const DkdKernels& dkd_kernels() {
-  static const DkdKernels k = pick_dkd_kernels();
+  static const DkdKernels k = KDFAST_SELECT_CPU_KERNELS(DkdKernels, DKD_ENTRIES);
   return k;
 }
 
-void check_cpu(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), "dkd_loss: ", name, " must be a CPU tensor here, got ", x.device());
-}
-
-// Checks the labels (a plain loop: no tensor ops on the hot path of small calls) and
-// returns the number of counted rows.
+// Checks the labels; returns the number of counted rows.
 int64_t count_rows(const DkdParams& p) {
-  int64_t counted = 0;
-  for (int64_t r = 0; r < p.rows; ++r) {
-    const int64_t y = p.labels[r];
-    if (y == p.ignore_index) continue;
-    if (y < 0 || y >= p.vocab) fail_dkd_label(r, y, p.vocab, p.ignore_index);
-    ++counted;
-  }
-  return counted;
-}
-
-template <typename acc_t>
-void reduce_rows(const DkdFusedOutputs& out, Reduction reduction, int64_t counted) {
-  const acc_t* rows = out.rows_loss.const_data_ptr<acc_t>();
-  double total = 0;  // double: a sum over thousands of rows keeps float32's precision
-  for (int64_t r = 0; r < out.rows_loss.numel(); ++r) total += static_cast<double>(rows[r]);
-  if (reduction == Reduction::BatchMean) total /= static_cast<double>(std::max<int64_t>(counted, 1));
-  *out.loss.data_ptr<acc_t>() = static_cast<acc_t>(total);
+  return count_labeled_rows(p.labels, p.rows, p.vocab, p.ignore_index, &fail_dkd_label);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dkd_loss_fused_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels, double alpha, double beta,
     double temperature, int64_t ignore_index, int64_t reduction, bool student_requires_grad,
     bool teacher_requires_grad) {
-  check_cpu(student, "student_logits");
-  check_cpu(teacher, "teacher_logits");
+  check_cpu(student, "dkd_loss", "student_logits");
+  check_cpu(teacher, "dkd_loss", "teacher_logits");
   const Reduction red = check_dkd_reduction(reduction);
   DkdProblem problem = prepare_dkd(student, teacher, labels, alpha, beta, temperature, ignore_index);
   DkdParams& p = problem.params;
@@ -80,17 +48,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dkd_loss_fused_cpu(
   DkdFusedOutputs out = prepare_dkd_fused(problem, red, student_requires_grad, teacher_requires_grad);
   // d loss / d loss_i: 1 / counted rows for batchmean, 1 otherwise; the kept gradient
   // carries it, so the backward of loss.backward() moves no data.
-  const double scale = red == Reduction::BatchMean ? 1.0 / static_cast<double>(std::max<int64_t>(counted, 1)) : 1.0;
-  const float scale_f = static_cast<float>(scale);
-  p.grad_loss = problem.acc_dtype == at::kDouble ? static_cast<const void*>(&scale) : &scale_f;
+  const UniformRowWeight weight(
+      red == Reduction::BatchMean ? 1.0 / static_cast<double>(std::max<int64_t>(counted, 1)) : 1.0);
+  p.grad_loss = weight.ptr(problem.acc_dtype);
   p.grad_loss_stride = 0;
   if (p.rows > 0) dkd_kernels().forward(p, problem.student.scalar_type(), problem.teacher.scalar_type());
   if (red != Reduction::None) {
-    if (problem.acc_dtype == at::kDouble) {
-      reduce_rows<double>(out, red, counted);
-    } else {
-      reduce_rows<float>(out, red, counted);
-    }
+    const double total = sum_rows(out.rows_loss);
+    store_loss(out.loss, red == Reduction::BatchMean ? total / static_cast<double>(std::max<int64_t>(counted, 1))
+                                                     : total);
   }
   return {out.loss, out.stats, out.grad_student, out.grad_teacher};
 }
@@ -100,8 +66,8 @@ std::tuple<at::Tensor, at::Tensor> dkd_loss_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& stats, double alpha, double beta,
                                                          double temperature, int64_t ignore_index,
                                                          bool student_requires_grad, bool teacher_requires_grad) {
-  check_cpu(student, "student_logits");
-  check_cpu(teacher, "teacher_logits");
+  check_cpu(student, "dkd_loss", "student_logits");
+  check_cpu(teacher, "dkd_loss", "teacher_logits");
   DkdProblem problem = prepare_dkd(student, teacher, labels, alpha, beta, temperature, ignore_index);
   DkdParams& p = problem.params;
   const DkdBackwardInputs inputs = prepare_dkd_backward(problem, grad_loss, stats);

@@ -7,8 +7,8 @@
 #include <string>
 #include <tuple>
 
-#include "../build_info.h"
 #include "../feature_loss.h"
+#include "cpu_host.h"
 #include "feature_loss_cpu.h"
 
 namespace kdfast {
@@ -22,26 +22,11 @@ struct Kernels {
   KernelFn backward;
 };
 
-// The kernels of the best instruction set that this CPU runs and this build compiled,
-// chosen once (torch reads ATEN_CPU_CAPABILITY once too).
-Kernels pick_kernels() {
-  const std::string cap = cpu_capability_in_use();
-#ifdef KDFAST_CPU_AVX512
-  if (cap == "AVX512") return {&feature_loss_forward_avx512, &feature_loss_backward_avx512};
-#endif
-#ifdef KDFAST_CPU_AVX2
-  if (cap == "AVX2" || cap == "AVX512") return {&feature_loss_forward_avx2, &feature_loss_backward_avx2};
-#endif
-  return {&feature_loss_forward_default, &feature_loss_backward_default};
-}
+#define FEATURE_LOSS_ENTRIES(isa) {&feature_loss_forward_##isa, &feature_loss_backward_##isa}
 
 const Kernels& kernels() {
-  static const Kernels k = pick_kernels();
+  static const Kernels k = KDFAST_SELECT_CPU_KERNELS(Kernels, FEATURE_LOSS_ENTRIES);
   return k;
-}
-
-void check_cpu(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), "feature_loss: ", name, " must be a CPU tensor here, got ", x.device());
 }
 
 int64_t count_selected(const FeatureLossParams& p) {
@@ -51,37 +36,22 @@ int64_t count_selected(const FeatureLossParams& p) {
   return selected;
 }
 
-template <typename acc_t>
-void reduce_rows(const FeatureLossFusedOutputs& out, double weight) {
-  const acc_t* rows = out.rows_loss.const_data_ptr<acc_t>();
-  double total = 0;  // double: a sum over thousands of rows keeps float32's precision
-  for (int64_t r = 0; r < out.rows_loss.numel(); ++r) total += static_cast<double>(rows[r]);
-  *out.loss.data_ptr<acc_t>() = static_cast<acc_t>(total * weight);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_loss_fused_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& mask, int64_t kind,
     bool normalize, int64_t reduction, bool student_requires_grad, bool teacher_requires_grad) {
-  check_cpu(student, "student");
-  check_cpu(teacher, "teacher");
+  check_cpu(student, "feature_loss", "student");
+  check_cpu(teacher, "feature_loss", "teacher");
   const Reduction red = check_feature_reduction(reduction);
   FeatureLossProblem problem = prepare_feature_loss(student, teacher, mask, kind, normalize);
   FeatureLossParams& p = problem.params;
   FeatureLossFusedOutputs out = prepare_feature_loss_fused(problem, red, student_requires_grad, teacher_requires_grad);
   // The gradient is written already times d loss / d loss_i: the mean's weight, or 1.
-  const double weight =
-      red == Reduction::BatchMean ? math::feature_mean_weight(p.kind, count_selected(p), p.dim) : 1.0;
-  const float weight_f = static_cast<float>(weight);
-  p.grad_loss = problem.acc_dtype == at::kDouble ? static_cast<const void*>(&weight) : &weight_f;
+  const UniformRowWeight weight(
+      red == Reduction::BatchMean ? math::feature_mean_weight(p.kind, count_selected(p), p.dim) : 1.0);
+  p.grad_loss = weight.ptr(problem.acc_dtype);
   p.grad_loss_stride = 0;
   if (p.rows > 0) kernels().forward(p, problem.student.scalar_type(), problem.teacher.scalar_type());
-  if (red != Reduction::None) {
-    if (problem.acc_dtype == at::kDouble) {
-      reduce_rows<double>(out, weight);
-    } else {
-      reduce_rows<float>(out, weight);
-    }
-  }
+  if (red != Reduction::None) store_loss(out.loss, sum_rows(out.rows_loss) * weight.as_double);
   return {out.loss, out.stats, out.grad_student, out.grad_teacher};
 }
 
@@ -89,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor> feature_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
     const c10::optional<at::Tensor>& mask, const at::Tensor& stats, int64_t kind, bool normalize,
     bool student_requires_grad, bool teacher_requires_grad) {
-  check_cpu(student, "student");
-  check_cpu(teacher, "teacher");
+  check_cpu(student, "feature_loss", "student");
+  check_cpu(teacher, "feature_loss", "teacher");
   FeatureLossProblem problem = prepare_feature_loss(student, teacher, mask, kind, normalize);
   FeatureLossParams& p = problem.params;
   const FeatureLossBackwardInputs inputs = prepare_feature_loss_backward(problem, grad_loss, stats);
