@@ -45,3 +45,12 @@ __all__ = [
     "rkd_loss",
     "sp_loss",
 ]
+
+
+def __getattr__(name: str):
+    # kdfast.cache is imported on first use: `import kdfast` stays light
+    if name == "cache":
+        import importlib
+
+        return importlib.import_module("kdfast.cache")
+    raise AttributeError(f"module 'kdfast' has no attribute {name!r}")

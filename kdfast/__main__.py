@@ -1,4 +1,4 @@
-"""Command line of kdfast: ``python -m kdfast {demo,bench,info}`` (console script ``kdfast``).
+"""Command line of kdfast: ``python -m kdfast {demo,bench,info,cache}`` (console script ``kdfast``).
 
 Examples::
 
@@ -8,6 +8,7 @@ Examples::
     python -m kdfast bench --out results/cpu   # full kd_loss benchmark on this machine
     python -m kdfast bench --op dkd --quick    # another op: feature_loss, attention_transfer, dkd
     python -m kdfast bench --op all            # every op, one folder
+    python -m kdfast cache info out/cache      # a teacher cache (also: cache build, cache verify)
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdfast", description="kdfast: fused knowledge-distillation losses for PyTorch.",
         epilog="Run `kdfast <command> --help` for a command's options.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info,cache}")
 
     demo = sub.add_parser(
         "demo", help="check kd_loss against the reference, distil a small model, print a quick benchmark",
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print kdfast.build_info() and the torch / device setup")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
+
+    from kdfast.cache import cli as cache_cli
+
+    cache_cli.add_parser(sub)
     return parser
 
 
