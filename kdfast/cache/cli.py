@@ -152,7 +152,8 @@ def _info(args: argparse.Namespace) -> int:
         ("path", info["path"]),
         ("storage", f"{kind} " + ", ".join(f"{k}={v}" for k, v in storage.items())),
         ("values", info["values"]),
-        ("layout", f"{info['layout']} ({'token rows per sample' if info['layout'] == 'token' else 'one row per sample'})"),
+        ("layout", info["layout"] + (" (token rows per sample)" if info["layout"] == "token"
+                                     else " (one row per sample)")),
         ("vocab_size", info["vocab_size"]),
         ("temperature", info["temperature"]),
         ("teacher", info["teacher_fingerprint"]),
@@ -184,26 +185,28 @@ def _verify(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds ``cache`` and its subcommands to the ``kdfast`` command line."""
-    cache = sub.add_parser("cache", help="build, describe or verify an on-disk teacher cache",
-                           description="The on-disk teacher cache (kdfast.cache): build it once from a teacher "
-                           "and a dataset, then train students from it.")
+    cache = sub.add_parser(
+        "cache", help="build, describe or verify an on-disk teacher cache",
+        description="The on-disk teacher cache (kdfast.cache): build it once from a teacher and a dataset, "
+                    "then train students from it.")
     cmds = cache.add_subparsers(dest="cache_command", required=True, metavar="{build,info,verify}")
 
-    b = cmds.add_parser("build", help="run a teacher over a dataset and write the cache (resumes an "
-                        "unfinished build)", description="Runs the teacher over the dataset once and writes "
-                        "its outputs. Run it again after a crash: it resumes where it stopped. Under torchrun each "
-                        "rank writes its own shards.")
+    b = cmds.add_parser(
+        "build", help="run a teacher over a dataset and write the cache (resumes an unfinished build)",
+        description="Runs the teacher over the dataset once and writes its outputs. Run it again after a "
+                    "crash: it resumes where it stopped. Under torchrun each rank writes its own shards.")
     b.add_argument("path", help="the cache folder")
     b.add_argument("--teacher", required=True, metavar="MODULE:ATTR",
                    help="the teacher nn.Module, or a function returning it (module:attr or file.py:attr)")
     b.add_argument("--data", required=True, metavar="MODULE:ATTR",
                    help="a map-style dataset or unshuffled DataLoader, or a function returning one")
-    b.add_argument("--forward", metavar="MODULE:ATTR", help="forward(teacher, batch) -> logits or a dict "
-                   "{'logits', 'mask' | 'lengths', 'features'} (default: teacher(inputs); dict batches: their "
-                   "attention_mask)")
+    b.add_argument("--forward", metavar="MODULE:ATTR",
+                   help="forward(teacher, batch) -> logits or a dict {'logits', 'mask' | 'lengths', "
+                        "'features'} (default: teacher(inputs); dict batches: their attention_mask)")
     b.add_argument("--storage", choices=("topk", "sampled", "dense"), default="topk", help="default topk")
     b.add_argument("--k", type=int, default=64, help="entries per row of --storage topk (default 64)")
-    b.add_argument("--num-samples", type=int, default=12, help="draws per row of --storage sampled (default 12)")
+    b.add_argument("--num-samples", type=int, default=12,
+                   help="draws per row of --storage sampled (default 12)")
     b.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
                    help="value type of topk / dense (default fp16)")
     b.add_argument("--temperature", type=float, default=1.0, help="default 1.0")
@@ -214,7 +217,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="also store a teacher feature: the output of submodule MODULE (else forward's "
                         "features[NAME]), per token with :token; repeatable")
     b.add_argument("--device", default=None, help="where the teacher runs (default: its parameters' device)")
-    b.add_argument("--fingerprint", default=None, help="teacher fingerprint (default: sha256 of its state_dict)")
+    b.add_argument("--fingerprint", default=None,
+                   help="teacher fingerprint (default: sha256 of its state_dict)")
     b.add_argument("--vocab-size", type=int, default=None, help="check the teacher's vocabulary size")
     b.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -223,9 +227,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
 
-    v = cmds.add_parser("verify", help="recompute every checksum; exit status 1 if anything is corrupt",
-                        description="Checks the header, every file's size and sha256, the row offsets and the "
-                        "token ids; with --vocab-size / --temperature / --fingerprint also that the cache matches.")
+    v = cmds.add_parser(
+        "verify", help="recompute every checksum; exit status 1 if anything is corrupt",
+        description="Checks the header, every file's size and sha256, the row offsets and the token ids; "
+                    "with --vocab-size / --temperature / --fingerprint also that the cache matches.")
     v.add_argument("path")
     v.add_argument("--vocab-size", type=int, default=None)
     v.add_argument("--temperature", type=float, default=None)

@@ -75,12 +75,12 @@ class TeacherBatch:
         mask = self.mask
         if mask is not None:
             if student_logits.dim() != 3 or student_logits.shape[0] != values.shape[0]:
-                raise ValueError(f"TeacherBatch.loss: student_logits must be [B, L, V] with B = {values.shape[0]}, "
-                                 f"got {list(student_logits.shape)}")
+                raise ValueError(f"TeacherBatch.loss: student_logits must be [B, L, V] with B = "
+                                 f"{values.shape[0]}, got {list(student_logits.shape)}")
             seq, mine = student_logits.shape[1], values.shape[1]
             if seq < mine:
-                raise ValueError(f"TeacherBatch.loss: the student has {seq} positions per sample, the teacher "
-                                 f"batch {mine}; the student's rows must cover the teacher's")
+                raise ValueError(f"TeacherBatch.loss: the student has {seq} positions per sample, the "
+                                 f"teacher batch {mine}; the student's rows must cover the teacher's")
             if seq > mine:
                 extra = seq - mine
                 values = torch.nn.functional.pad(values, (0, 0, 0, extra))
@@ -124,7 +124,8 @@ def collate_teacher(items: Sequence[CachedOutputs], *, dtype: torch.dtype = torc
     lengths = torch.tensor([d[1].shape[0] for d in decoded], dtype=torch.int64)
     seq = int(lengths.max()) if pad_to is None else pad_to
     if pad_to is not None and int(lengths.max()) > pad_to:
-        raise ValueError(f"collate_teacher: pad_to={pad_to} is shorter than a sample ({int(lengths.max())} rows)")
+        raise ValueError(f"collate_teacher: pad_to={pad_to} is shorter than a sample "
+                         f"({int(lengths.max())} rows)")
     b, width = len(items), decoded[0][1].shape[-1]
     values = torch.zeros((b, seq, width), dtype=dtype)
     indices = None if codec.kind == "dense" else torch.full((b, seq, width), -1, dtype=torch.int64)
@@ -201,7 +202,8 @@ class CachedDataset(torch.utils.data.Dataset):
         if not isinstance(cache, TeacherCache):
             cache = TeacherCache.open(cache)
         if len(dataset) != len(cache):
-            raise ValueError(f"CachedDataset: the dataset has {len(dataset)} samples but the cache {cache.path} "
+            raise ValueError(f"CachedDataset: the dataset has {len(dataset)} samples but the cache "
+                             f"{cache.path} "
                              f"holds {len(cache)}; it must be the dataset the cache was built from")
         self.dataset, self.cache = dataset, cache
         self.input_pad, self.target_pad, self.dtype = input_pad, target_pad, dtype
@@ -215,8 +217,8 @@ class CachedDataset(torch.utils.data.Dataset):
             inputs, targets = {k: v for k, v in item.items() if k != "labels"}, item.get("labels")
         elif isinstance(item, (tuple, list)):
             if len(item) not in (1, 2):
-                raise ValueError(f"CachedDataset: dataset items must be (inputs, targets) or (inputs,), got a "
-                                 f"{type(item).__name__} of {len(item)}")
+                raise ValueError(f"CachedDataset: dataset items must be (inputs, targets) or (inputs,), got "
+                                 f"a {type(item).__name__} of {len(item)}")
             inputs, targets = item[0], item[1] if len(item) == 2 else None
         else:
             inputs, targets = item, None

@@ -315,6 +315,14 @@ def shard_stem(rank: int, seq: int) -> str:
     return f"r{rank:05d}-{seq:06d}"
 
 
+_CACHE_FILE = re.compile(r"^(r\d{5}-\d{6}\..+|progress-r\d{5}\.json(\.tmp)?|header\.json(\.tmp)?)$")
+
+
+def is_cache_file(name: str) -> bool:
+    """Whether a file name is one a cache build writes (shard, progress, header, temporary)."""
+    return bool(_CACHE_FILE.match(name))
+
+
 def progress_file(rank: int) -> str:
     return f"{PROGRESS_PREFIX}{rank:05d}.json"
 
@@ -453,8 +461,8 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
         'sha256:'
     """
     if not isinstance(teacher, torch.nn.Module):
-        raise TypeError(f"teacher_fingerprint: teacher must be a torch.nn.Module, got {type(teacher).__name__}; "
-                        "pass fingerprint='...' for other teachers")
+        raise TypeError(f"teacher_fingerprint: teacher must be a torch.nn.Module, got "
+                        f"{type(teacher).__name__}; pass fingerprint='...' for other teachers")
     h = hashlib.sha256()
     for name, value in teacher.state_dict().items():
         if not isinstance(value, torch.Tensor):

@@ -190,9 +190,9 @@ class TeacherCache:
         if not os.path.isdir(folder):
             raise CacheError(f"teacher cache {folder}: no such folder")
         if not os.path.exists(header_path):
-            if any(n.startswith(fmt.PROGRESS_PREFIX) for n in os.listdir(folder)):
-                raise CacheError(f"teacher cache {folder} is an unfinished build (no {fmt.HEADER_FILE} yet); run "
-                                 "the same TeacherCache.build again to resume it")
+            if any(fmt.is_cache_file(n) for n in os.listdir(folder)):
+                raise CacheError(f"teacher cache {folder} is an unfinished build (no {fmt.HEADER_FILE} yet); "
+                                 f"run the same TeacherCache.build again to resume it")
             raise CacheError(f"{folder} is not a kdfast teacher cache: it has no {fmt.HEADER_FILE}")
         with open(header_path, "rb") as f:
             header = fmt.loads_checked(f.read(), header_path)
@@ -275,7 +275,9 @@ class TeacherCache:
             arrays = {}
             for name, f in self.fields.items():
                 elem = fmt.ELEM_TYPES[f.elem]
-                shape = (f.records(shard["samples"], shard["rows"]), *f.shape) + ((3,) if f.elem == "uint24" else ())
+                shape = (f.records(shard["samples"], shard["rows"]), *f.shape)
+                if f.elem == "uint24":
+                    shape += (3,)
                 path = os.path.join(self.path, f"{shard['stem']}.{name}")
                 if math.prod(shape) == 0:
                     arr = np.zeros(shape, dtype=elem.numpy)
@@ -461,10 +463,11 @@ class TeacherCache:
 def _check_header(path: str, h: dict) -> None:
     """Consistency of a parsed header (its checksum is already checked)."""
     if h.get("format") != fmt.FORMAT_NAME:
-        raise CacheCorruptError(f"teacher cache {path}: {fmt.HEADER_FILE} is not a kdfast teacher cache header")
+        raise CacheCorruptError(f"teacher cache {path}: {fmt.HEADER_FILE} is not a kdfast "
+                                "teacher cache header")
     if h.get("format_version") != fmt.FORMAT_VERSION:
-        raise CacheError(f"teacher cache {path}: format version {h.get('format_version')} is not supported by "
-                         f"this kdfast (it reads version {fmt.FORMAT_VERSION})")
+        raise CacheError(f"teacher cache {path}: format version {h.get('format_version')} is not supported "
+                         f"by this kdfast (it reads version {fmt.FORMAT_VERSION})")
     try:
         storage = fmt.storage_from_json(h["storage"])
         fields = fmt.fields_from_json(h["fields"])
@@ -473,9 +476,11 @@ def _check_header(path: str, h: dict) -> None:
         shapes = {n: f["shape"] for n, f in h["features"].items()}
         expected = fmt.make_fields(storage, h["vocab_size"], h["layout"], features, shapes)
     except (KeyError, TypeError, ValueError) as exc:
-        raise CacheCorruptError(f"teacher cache {path}: {fmt.HEADER_FILE} is inconsistent ({exc!r})") from None
+        raise CacheCorruptError(f"teacher cache {path}: {fmt.HEADER_FILE} is inconsistent "
+                                f"({exc!r})") from None
     if expected != fields:
-        raise CacheCorruptError(f"teacher cache {path}: the fields of {fmt.HEADER_FILE} do not match its storage")
+        raise CacheCorruptError(f"teacher cache {path}: the fields of {fmt.HEADER_FILE} do not "
+                                "match its storage")
     nxt = rows = 0
     for shard in h["shards"]:
         if shard["first_sample"] != nxt or shard["samples"] < 0 or shard["rows"] < 0:
@@ -484,9 +489,10 @@ def _check_header(path: str, h: dict) -> None:
         if h["layout"] == "sample" and shard["rows"] != shard["samples"]:
             raise CacheCorruptError(f"teacher cache {path}: shard {shard['stem']} has rows != samples")
         if set(shard["files"]) != set(fields):
-            raise CacheCorruptError(f"teacher cache {path}: shard {shard['stem']} lists other files than the fields")
+            raise CacheCorruptError(f"teacher cache {path}: shard {shard['stem']} lists other files "
+                                    "than the fields")
         nxt += shard["samples"]
         rows += shard["rows"]
     if nxt != h["samples"] or rows != h["rows"]:
-        raise CacheCorruptError(f"teacher cache {path}: the shards hold {nxt} samples / {rows} rows, the header "
-                                f"says {h['samples']} / {h['rows']}")
+        raise CacheCorruptError(f"teacher cache {path}: the shards hold {nxt} samples / {rows} rows, the "
+                                f"header says {h['samples']} / {h['rows']}")

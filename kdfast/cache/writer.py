@@ -80,11 +80,12 @@ def resolve_data(data: object) -> _Data:
                 "(under torchrun each rank takes its own slice; no DistributedSampler is needed)")
         if type(data.batch_sampler) is not BatchSampler:
             raise ValueError(f"{what}: the DataLoader has a custom batch_sampler "
-                             f"({type(data.batch_sampler).__name__}); pass the dataset and batch_size= instead")
+                             f"({type(data.batch_sampler).__name__}); pass the dataset and "
+                             "batch_size= instead")
         return _Data(data.dataset, data.batch_size, data.collate_fn, data.num_workers, data.pin_memory)
     if isinstance(data, IterableDataset):
-        raise TypeError(f"{what} is an IterableDataset; the cache keys outputs by sample index, so it needs a "
-                        "map-style dataset (__len__ and __getitem__)")
+        raise TypeError(f"{what} is an IterableDataset; the cache keys outputs by sample index, so it needs "
+                        f"a map-style dataset (__len__ and __getitem__)")
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise TypeError(f"{what} must be a map-style Dataset (__len__ and __getitem__) or a DataLoader over "
                         f"one, got {type(data).__name__}")
@@ -144,7 +145,8 @@ def _normalize_outputs(out: Any, count: int, hooked: dict) -> _Outputs:
         logits = _logits_of(out)
     features.update(hooked)
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() not in (2, 3):
-        desc = f"{logits.dtype} {list(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        desc = (f"{logits.dtype} {list(logits.shape)}" if isinstance(logits, torch.Tensor)
+                else type(logits).__name__)
         raise ValueError(f"{what} must give floating-point logits [B, V] (one row per sample) or [B, L, V] "
                          f"(token rows), got {desc}")
     if logits.shape[0] != count:
@@ -159,7 +161,8 @@ def _normalize_outputs(out: Any, count: int, hooked: dict) -> _Outputs:
             lengths = torch.as_tensor(lengths, device=logits.device)
             if lengths.shape != (b,) or lengths.is_floating_point() or bool((lengths < 0).any()) \
                     or bool((lengths > seq).any()):
-                raise ValueError(f"{what}: lengths must be {b} integers in [0, {seq}], got {lengths.tolist()}")
+                raise ValueError(f"{what}: lengths must be {b} integers in [0, {seq}], "
+                                 f"got {lengths.tolist()}")
             mask = torch.arange(seq, device=logits.device) < lengths[:, None]
         elif mask is not None:
             mask = torch.as_tensor(mask, device=logits.device)
@@ -225,9 +228,10 @@ def encode_batch(out: _Outputs, storage, temperature: float, seed: int, first_sa
     arrays: dict = {}
     if isinstance(storage, fmt.TopK):
         if storage.k > vocab:
-            raise ValueError(f"TeacherCache.build: storage TopK(k={storage.k}) needs k <= the vocabulary size, "
-                             f"which is {vocab}")
-        idx, logp = kdfast.topk_logits(rows, storage.k, temperature=temperature, index_dtype=_index_dtype(vocab))
+            raise ValueError(f"TeacherCache.build: storage TopK(k={storage.k}) needs k <= the vocabulary "
+                             f"size, which is {vocab}")
+        idx, logp = kdfast.topk_logits(rows, storage.k, temperature=temperature,
+                                       index_dtype=_index_dtype(vocab))
         if keep is not None:
             idx, logp = idx[keep], logp[keep]
         arrays["indices"] = fmt.encode_ints(idx, fmt.index_type(vocab))
@@ -254,7 +258,8 @@ def encode_batch(out: _Outputs, storage, temperature: float, seed: int, first_sa
     shapes = {}
     for name, spec in features.items():
         if name not in out.features:
-            source = f"the output of submodule {spec.module!r}" if spec.module else "forward's 'features' dict"
+            source = (f"the output of submodule {spec.module!r}" if spec.module
+                      else "forward's 'features' dict")
             raise ValueError(f"TeacherCache.build: feature {name!r} is missing from {source}")
         t = out.features[name]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -291,16 +296,17 @@ class _ShardWriter:
         self.files, self.hashes, self.sizes = {}, {}, {}
         for name in fields:
             path = os.path.join(folder, f"{stem}.{name}{fmt.TMP_SUFFIX}")
-            self.files[name] = open(path, "wb")  # noqa: SIM115 (closed in commit / close)
+            self.files[name] = open(path, "wb")  # closed in commit() / close()
             self.hashes[name] = hashlib.sha256()
             self.sizes[name] = 0
         if "offsets" in fields:
             self._write("offsets", np.zeros(1, dtype="<i8"))
 
     def _write(self, name: str, array: np.ndarray) -> None:
-        data = np.ascontiguousarray(array)
-        self.files[name].write(memoryview(data).cast("B"))
-        self.hashes[name].update(data)
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        if data.size:
+            self.files[name].write(data)
+            self.hashes[name].update(data)
         self.sizes[name] += data.nbytes
 
     def append(self, arrays: dict, lengths: np.ndarray | None, samples: int) -> None:
@@ -313,7 +319,8 @@ class _ShardWriter:
             expected = (rows if f.per == "row" else samples) * f.record_bytes
             if array.nbytes != expected:
                 raise CacheError(f"TeacherCache.build: {name} of a batch has {array.nbytes} bytes, expected "
-                                 f"{expected} (shape {list(array.shape)}); the teacher's outputs changed shape")
+                                 f"{expected} (shape {list(array.shape)}); the teacher's outputs "
+                                 "changed shape")
             self._write(name, array)
         self.samples += samples
         self.rows += rows
@@ -379,13 +386,7 @@ def _diff(saved: dict, now: dict, prefix: str = "") -> list:
 
 def _our_files(folder: str) -> list:
     """The files of ``folder`` that a cache build writes (what overwrite=True removes)."""
-    names = []
-    for name in os.listdir(folder):
-        if (name == fmt.HEADER_FILE or name.startswith(fmt.PROGRESS_PREFIX)
-                or (name.startswith("r") and "-" in name and name[1:6].isdigit())
-                or name == fmt.HEADER_FILE + fmt.TMP_SUFFIX):
-            names.append(os.path.join(folder, name))
-    return names
+    return [os.path.join(folder, n) for n in os.listdir(folder) if fmt.is_cache_file(n)]
 
 
 # ---------------------------------------------------------------------------
@@ -462,12 +463,14 @@ def build(path: str | os.PathLike, teacher: Any, data: Any, *, storage, temperat
     _check_int(vocab_size, "vocab_size", 1, optional=True)
     feats = fmt.normalize_features(features)
     if forward is not None and not callable(forward):
-        raise TypeError(f"TeacherCache.build: forward must be callable(teacher, batch), got {type(forward).__name__}")
+        raise TypeError(f"TeacherCache.build: forward must be callable(teacher, batch), got "
+                        f"{type(forward).__name__}")
     if not callable(teacher):
         raise TypeError(f"TeacherCache.build: teacher must be callable (a torch.nn.Module), got "
                         f"{type(teacher).__name__}")
     if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
-        raise ValueError(f"TeacherCache.build: fingerprint must be a non-empty str or None, got {fingerprint!r}")
+        raise ValueError(f"TeacherCache.build: fingerprint must be a non-empty str or None, got "
+                         f"{fingerprint!r}")
     src = resolve_data(data)
     num = len(src.dataset)
     if num == 0:
@@ -480,8 +483,9 @@ def build(path: str | os.PathLike, teacher: Any, data: Any, *, storage, temperat
         if fingerprint is None:
             raise TypeError("TeacherCache.build: the teacher is not a torch.nn.Module, so its fingerprint "
                             "cannot be computed: pass fingerprint='...'")
-    config = {"storage": storage.to_json(), "temperature": temperature, "seed": seed, "batch_size": batch_size,
-              "shard_tokens": shard_tokens, "features": {n: f.to_json() for n, f in feats.items()},
+    config = {"storage": storage.to_json(), "temperature": temperature, "seed": seed,
+              "batch_size": batch_size, "shard_tokens": shard_tokens,
+              "features": {n: f.to_json() for n, f in feats.items()},
               "teacher_fingerprint": fingerprint, "samples": num, "world_size": world}
 
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -500,7 +504,8 @@ def build(path: str | os.PathLike, teacher: Any, data: Any, *, storage, temperat
     lo, hi = num * rank // world, num * (rank + 1) // world
     state = load_progress(folder, rank)
     if state is not None and state["config"] != config:  # pragma: no cover - rank 0 checked every rank
-        raise CacheMismatchError(f"TeacherCache.build: {folder} holds an unfinished build with other settings")
+        raise CacheMismatchError(f"TeacherCache.build: {folder} holds an unfinished build with other "
+                                 "settings")
     if state is None:
         state = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "kind": "progress",
                  "config": config, "rank": rank, "range": [lo, hi], "next_sample": lo, "vocab_size": None,
@@ -520,39 +525,35 @@ def build(path: str | os.PathLike, teacher: Any, data: Any, *, storage, temperat
 def _check_folder(folder: str, config: dict, overwrite: bool) -> str:
     """What to do with ``folder`` before a build: ``"done"`` (a finished cache with these
     settings), ``"build"`` (empty, or an unfinished build with these settings to resume)
-    or ``"clear"`` (other settings and ``overwrite``); other settings without
-    ``overwrite`` raise :class:`CacheMismatchError` listing the differences."""
+    or ``"clear"`` (other settings or corrupt files, and ``overwrite``). Without
+    ``overwrite``, other settings raise :class:`CacheMismatchError` listing the
+    differences and a corrupt header / progress file :class:`CacheCorruptError`."""
     header_path = os.path.join(folder, fmt.HEADER_FILE)
-    found = []
     if os.path.exists(header_path):
-        with open(header_path, "rb") as f:
-            data = f.read()
-        try:
-            saved = fmt.loads_checked(data, header_path)["build"]
-        except (CacheCorruptError, KeyError):
-            saved = None
-        if saved is not None and saved == config:
-            return "done"
-        found.append(("a finished cache", saved))
+        names, what = [fmt.HEADER_FILE], "a finished cache"
     else:
-        for name in sorted(os.listdir(folder)):
-            if name.startswith(fmt.PROGRESS_PREFIX) and name.endswith(".json"):
-                try:
-                    with open(os.path.join(folder, name), "rb") as f:
-                        saved = fmt.loads_checked(f.read(), name)["config"]
-                except (CacheCorruptError, KeyError):
-                    saved = None
-                if saved != config:
-                    found.append((f"an unfinished build ({name})", saved))
-    if not found:
-        return "build"
-    if overwrite:
-        return "clear"
-    what, saved = found[0]
-    diffs = _diff(saved, config) if isinstance(saved, dict) else ["its header or progress file is corrupt"]
-    raise CacheMismatchError(f"TeacherCache.build: {folder} holds {what} with other settings: "
-                             + "; ".join(diffs) + ". Use another path, the same settings to resume, or "
-                             "overwrite=True to replace it")
+        names = sorted(n for n in os.listdir(folder)
+                       if n.startswith(fmt.PROGRESS_PREFIX) and n.endswith(".json"))
+        what = "an unfinished build"
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                saved = fmt.loads_checked(f.read(), path)
+            saved = saved["build"] if name == fmt.HEADER_FILE else saved["config"]
+        except (CacheCorruptError, KeyError) as exc:
+            if overwrite:
+                return "clear"
+            raise CacheCorruptError(f"TeacherCache.build: {folder} holds {what} whose {name} is corrupt "
+                                    f"({exc}); use overwrite=True to replace it") from None
+        if saved == config:
+            continue
+        if overwrite:
+            return "clear"
+        raise CacheMismatchError(f"TeacherCache.build: {folder} holds {what} ({name}) with other settings: "
+                                 + "; ".join(_diff(saved, config)) + ". Use another path, the same settings "
+                                 "to resume, or overwrite=True to replace it")
+    return "done" if names == [fmt.HEADER_FILE] else "build"
 
 
 def _build_rank(folder, teacher, src: _Data, state: dict, storage, temperature, batch_size, forward, feats,
@@ -616,8 +617,8 @@ def _build_rank(folder, teacher, src: _Data, state: dict, storage, temperature, 
         if was_training:
             teacher.train()
     if next_sample != hi:
-        raise CacheError(f"TeacherCache.build: the data loader stopped at sample {next_sample} of rank {rank}'s "
-                         f"slice [{lo}, {hi}); it must yield every sample of the dataset")
+        raise CacheError(f"TeacherCache.build: the data loader stopped at sample {next_sample} of rank "
+                         f"{rank}'s slice [{lo}, {hi}); it must yield every sample of the dataset")
 
 
 def _record_shapes(state: dict, vocab: int, layout: str, shapes: dict, vocab_size: int | None,
@@ -628,7 +629,8 @@ def _record_shapes(state: dict, vocab: int, layout: str, shapes: dict, vocab_siz
     if state["vocab_size"] is None:
         state["vocab_size"], state["layout"], state["feature_shapes"] = vocab, layout, shapes
         return
-    for what, saved, now in (("vocabulary size", state["vocab_size"], vocab), ("layout", state["layout"], layout),
+    for what, saved, now in (("vocabulary size", state["vocab_size"], vocab),
+                             ("layout", state["layout"], layout),
                              ("feature shapes", state["feature_shapes"], shapes)):
         if saved != now:
             raise CacheError(f"TeacherCache.build: the teacher's {what} changed from {saved!r} to {now!r} "
@@ -654,11 +656,12 @@ def _finalize(folder: str, world: int, config: dict, fsync: bool) -> None:
         if s is None:
             raise CacheError(f"TeacherCache.build: rank {r} left no progress file in {folder}")
         if s["config"] != config:
-            raise CacheMismatchError(f"TeacherCache.build: rank {r} was built with other settings than rank 0: "
+            raise CacheMismatchError(f"TeacherCache.build: rank {r} was built with other settings than rank "
+                                     f"0: "
                                      + "; ".join(_diff(s["config"], config)))
         if s["next_sample"] != s["range"][1]:
-            raise CacheError(f"TeacherCache.build: rank {r} has not finished (next sample {s['next_sample']}, "
-                             f"slice {s['range']})")
+            raise CacheError(f"TeacherCache.build: rank {r} has not finished (next sample "
+                             f"{s['next_sample']}, slice {s['range']})")
         states.append(s)
     measured = [s for s in states if s["vocab_size"] is not None]
     first = measured[0]
