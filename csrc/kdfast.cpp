@@ -74,6 +74,39 @@ TORCH_LIBRARY(kdfast, m) {
   m.def(
       "attention_transfer_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, float p, "
       "bool student_requires_grad, bool teacher_requires_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+
+  // --- sparse teacher: what a teacher cache stores, and the loss that reads it ---------
+
+  // The k largest logits of each row of [..., V] (1 <= k <= V), sorted descending (ties:
+  // lower index first), as indices [..., k] of index_dtype (int32 or int64) and their
+  // log-probabilities under the full-vocabulary log_softmax(logits / temperature),
+  // [..., k] float32 (float64 for float64 logits).
+  m.def(
+      "topk_logits(Tensor logits, int k, float temperature, ScalarType index_dtype) "
+      "-> (Tensor indices, Tensor logprobs)");
+  // num_samples draws per row of [..., V], with replacement, from softmax(logits /
+  // temperature), by a counter-based generator keyed by seed (an int64 0-dim tensor on the
+  // logits' device, read on the device: no host synchronisation). Each distinct token once
+  // in ascending index order with weight count / num_samples, then padding (index -1,
+  // weight 0): indices [..., num_samples] of index_dtype, probs [..., num_samples] float32.
+  m.def(
+      "sample_logits(Tensor logits, int num_samples, float temperature, Tensor seed, "
+      "ScalarType index_dtype) -> (Tensor indices, Tensor probs)");
+  // Distillation loss from a sparse teacher: student [..., V] logits normalised over the
+  // full vocabulary at temperature; teacher [..., K] indices (-1: padding) and values
+  // (logprobs or probs). tail: 0 renormalize, 1 residual. Times T^2 (1 - alpha), plus alpha
+  // times the cross-entropy at temperature 1 (labels, ignore_index and reduction as in
+  // kd_loss_fused). Returns (loss, O(rows) statistics, d loss / d student computed in the
+  // same pass when student_requires_grad, else an empty tensor).
+  m.def(
+      "sparse_kd_loss_fused(Tensor student, Tensor teacher_indices, Tensor teacher_values, "
+      "Tensor? labels, float temperature, float alpha, bool logprobs, int tail, int ignore_index, "
+      "int reduction, bool student_requires_grad) -> (Tensor loss, Tensor stats, Tensor grad_student)");
+  // grad_loss: the gradient of each row's loss, [rows] (the reduction's weights included).
+  m.def(
+      "sparse_kd_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher_indices, "
+      "Tensor teacher_values, Tensor? labels, Tensor stats, float temperature, float alpha, "
+      "bool logprobs, int tail, int ignore_index) -> Tensor");
 }
 
 #ifndef KDFAST_NO_PYTHON

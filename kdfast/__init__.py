@@ -21,6 +21,7 @@ from kdfast.functional import DIVERGENCES, REDUCTIONS, kd_loss
 from kdfast.hint import HintLoss
 from kdfast.losses import KDLoss
 from kdfast.relational import PKTLoss, RKDLoss, SPLoss, pkt_loss, rkd_loss, sp_loss
+from kdfast.sparse import SparseKDLoss, sample_logits, sparse_kd_loss, topk_logits
 
 __all__ = [
     "DIVERGENCES",
@@ -33,6 +34,7 @@ __all__ = [
     "PKTLoss",
     "RKDLoss",
     "SPLoss",
+    "SparseKDLoss",
     "attention_transfer_loss",
     "build_info",
     "dkd_loss",
@@ -43,7 +45,10 @@ __all__ = [
     "pkt_loss",
     "reference",
     "rkd_loss",
+    "sample_logits",
     "sp_loss",
+    "sparse_kd_loss",
+    "topk_logits",
 ]
 
 

@@ -13,27 +13,39 @@ REDUCTIONS = ("batchmean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def check_temperature(temperature: float, name: str = "kd_loss") -> float:
+    """``temperature`` must be a finite float > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{name}: temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{name}: temperature must be finite and > 0, got {temperature}")
+    return float(temperature)
+
+
+def check_loss_options(temperature: float, alpha: float, reduction: str, ignore_index: int,
+                       name: str = "kd_loss") -> None:
+    """The options every logit-distillation loss shares (kd_loss's semantics)."""
+    check_temperature(temperature, name)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{name}: alpha must be a float, got {type(alpha).__name__}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{name}: alpha must be in [0, 1], got {alpha}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{name}: ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
 def check_options(temperature: float, alpha: float, divergence: str, beta: float, reduction: str,
                   ignore_index: int, softcap: float | None = None) -> int:
     """Validates the scalar options; returns the divergence code used by the ops."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"kd_loss: temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"kd_loss: temperature must be finite and > 0, got {temperature}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"kd_loss: alpha must be a float, got {type(alpha).__name__}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"kd_loss: alpha must be in [0, 1], got {alpha}")
+    check_loss_options(temperature, alpha, reduction, ignore_index)
     if divergence not in DIVERGENCES:
         raise ValueError(f"kd_loss: divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"kd_loss: beta must be a float, got {type(beta).__name__}")
     if divergence == "jsd" and not 0.0 < beta < 1.0:
         raise ValueError(f"kd_loss: beta must be in (0, 1) for divergence='jsd', got {beta}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"kd_loss: ignore_index must be an int, got {type(ignore_index).__name__}")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"kd_loss: softcap must be a float or None, got {type(softcap).__name__}")
@@ -42,50 +54,63 @@ def check_options(temperature: float, alpha: float, divergence: str, beta: float
     return DIVERGENCES.index(divergence)
 
 
+def check_logits(x: torch.Tensor, arg: str, name: str = "kd_loss") -> None:
+    """``x`` must be a floating ``[..., V]`` tensor with V >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: {arg} must be float32, float16 or bfloat16 "
+                        f"(float64 for testing), got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name}: {arg} must have shape [..., V], got a 0-dim tensor")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name}: {arg} must have a vocabulary (last) dimension >= 1")
+
+
+def check_labels(labels: torch.Tensor | None, student_logits: torch.Tensor, alpha: float,
+                 name: str = "kd_loss") -> torch.Tensor | None:
+    """``labels`` must be None (only when ``alpha == 0``) or an integer tensor of the
+    leading shape of ``student_logits``; returned as int64."""
+    if labels is None:
+        if alpha > 0:
+            raise ValueError(f"{name}: alpha > 0 needs labels, got alpha={alpha} and labels=None")
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name}: labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name}: labels must be an integer tensor (int64), got {labels.dtype}")
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"{name}: labels must have the leading shape of student_logits "
+                         f"{tuple(student_logits.shape[:-1])}, got {tuple(labels.shape)}")
+    if labels.device != student_logits.device:
+        raise ValueError(f"{name}: labels must be on {student_logits.device}, got {labels.device}")
+    return labels.long()
+
+
 def check_tensors(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                   labels: torch.Tensor | None, alpha: float) -> torch.Tensor | None:
     """Validates the tensors (shapes, dtypes, devices); returns labels as int64."""
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"kd_loss: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"kd_loss: {name} must be float32, float16 or bfloat16 "
-                            f"(float64 for testing), got {x.dtype}")
-        if x.dim() < 1:
-            raise ValueError(f"kd_loss: {name} must have shape [..., V], got a 0-dim tensor")
+    check_logits(student_logits, "student_logits")
+    check_logits(teacher_logits, "teacher_logits")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError("kd_loss: student_logits and teacher_logits must have the same shape, got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    if student_logits.shape[-1] < 1:
-        raise ValueError("kd_loss: student_logits must have a vocabulary (last) dimension >= 1")
     if (student_logits.dtype == torch.float64) != (teacher_logits.dtype == torch.float64):
         raise TypeError("kd_loss: float64 student_logits and teacher_logits must both be float64, got "
                         f"{student_logits.dtype} and {teacher_logits.dtype}")
     if student_logits.device != teacher_logits.device:
         raise ValueError("kd_loss: student_logits and teacher_logits must be on the same device, got "
                          f"{student_logits.device} and {teacher_logits.device}")
-    if labels is None:
-        if alpha > 0:
-            raise ValueError(f"kd_loss: alpha > 0 needs labels, got alpha={alpha} and labels=None")
-        return None
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"kd_loss: labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"kd_loss: labels must be an integer tensor (int64), got {labels.dtype}")
-    if labels.shape != student_logits.shape[:-1]:
-        raise ValueError("kd_loss: labels must have the leading shape of student_logits "
-                         f"{tuple(student_logits.shape[:-1])}, got {tuple(labels.shape)}")
-    if labels.device != student_logits.device:
-        raise ValueError(f"kd_loss: labels must be on {student_logits.device}, got {labels.device}")
-    return labels.long()
+    return check_labels(labels, student_logits, alpha)
 
 
-def check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int,
+                       name: str = "kd_loss") -> None:
     """Raises if a label is outside [0, vocab) and is not ignore_index (synchronises on GPU)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         value = int(labels[bad][0])
-        raise ValueError(f"kd_loss: labels must be in [0, {vocab}) or equal ignore_index "
+        raise ValueError(f"{name}: labels must be in [0, {vocab}) or equal ignore_index "
                          f"({ignore_index}), got {value}")
 
 
@@ -233,3 +258,98 @@ def feature_map_pairs(student_feat: FeatureMaps, teacher_feat: FeatureMaps) -> l
         raise ValueError("attention_transfer_loss: student_feat and teacher_feat must hold at least "
                          "one feature map each, got empty sequences")
     return list(zip(student_feat, teacher_feat))
+
+
+# --- sparse teacher: topk_logits, sample_logits, sparse_kd_loss ----------------------------
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+SPARSE_VALUES = ("logprobs", "probs")
+SPARSE_TAILS = ("renormalize", "residual")
+MAX_TOPK = 4096
+MAX_SAMPLES = 4096
+
+
+def _check_count(value: int, arg: str, vocab: int | None, limit: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: {arg} must be an int, got {type(value).__name__}")
+    if value < 1 or value > limit:
+        raise ValueError(f"{name}: {arg} must be in [1, {limit}], got {value}")
+    if vocab is not None and value > vocab:
+        raise ValueError(f"{name}: {arg} must be <= the vocabulary size {vocab}, got {value}")
+    return value
+
+
+def check_index_dtype(index_dtype: torch.dtype, vocab: int, name: str) -> None:
+    if index_dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name}: index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
+
+
+def check_topk_args(logits: torch.Tensor, k: int, temperature: float,
+                    index_dtype: torch.dtype) -> None:
+    """Arguments of :func:`kdfast.topk_logits`."""
+    name = "topk_logits"
+    check_logits(logits, "teacher_logits", name)
+    _check_count(k, "k", logits.shape[-1], MAX_TOPK, name)
+    check_temperature(temperature, name)
+    check_index_dtype(index_dtype, logits.shape[-1], name)
+
+
+def check_sample_args(logits: torch.Tensor, num_samples: int, temperature: float,
+                      generator: torch.Generator | None, index_dtype: torch.dtype) -> None:
+    """Arguments of :func:`kdfast.sample_logits`."""
+    name = "sample_logits"
+    check_logits(logits, "teacher_logits", name)
+    _check_count(num_samples, "num_samples", None, MAX_SAMPLES, name)
+    check_temperature(temperature, name)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name}: generator must be a torch.Generator or None, "
+                        f"got {type(generator).__name__}")
+    check_index_dtype(index_dtype, logits.shape[-1], name)
+
+
+def check_sparse_kd_options(values: str, temperature: float, tail: str, alpha: float,
+                            ignore_index: int, reduction: str) -> None:
+    """Scalar options of :func:`kdfast.sparse_kd_loss`."""
+    name = "sparse_kd_loss"
+    if values not in SPARSE_VALUES:
+        raise ValueError(f"{name}: values must be one of {SPARSE_VALUES}, got {values!r}")
+    if tail not in SPARSE_TAILS:
+        raise ValueError(f"{name}: tail must be one of {SPARSE_TAILS}, got {tail!r}")
+    check_loss_options(temperature, alpha, reduction, ignore_index, name)
+
+
+def check_sparse_kd_tensors(student_logits: torch.Tensor, teacher_indices: torch.Tensor,
+                            teacher_values: torch.Tensor, labels: torch.Tensor | None,
+                            alpha: float) -> torch.Tensor | None:
+    """Tensors of :func:`kdfast.sparse_kd_loss`; returns labels as int64."""
+    name = "sparse_kd_loss"
+    check_logits(student_logits, "student_logits", name)
+    if not isinstance(teacher_indices, torch.Tensor):
+        raise TypeError(f"{name}: teacher_indices must be a torch.Tensor, "
+                        f"got {type(teacher_indices).__name__}")
+    if teacher_indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name}: teacher_indices must be int32 or int64, got {teacher_indices.dtype}")
+    check_logits(teacher_values, "teacher_values", name)
+    lead = tuple(student_logits.shape[:-1])
+    for arg, x in (("teacher_indices", teacher_indices), ("teacher_values", teacher_values)):
+        if x.dim() != student_logits.dim() or tuple(x.shape[:-1]) != lead:
+            raise ValueError(f"{name}: {arg} must have shape [..., K] with the leading shape of "
+                             f"student_logits {lead}, got {tuple(x.shape)}")
+        if x.device != student_logits.device:
+            raise ValueError(f"{name}: {arg} must be on {student_logits.device}, got {x.device}")
+    if teacher_indices.shape != teacher_values.shape:
+        raise ValueError(f"{name}: teacher_indices and teacher_values must have the same shape, got "
+                         f"{tuple(teacher_indices.shape)} and {tuple(teacher_values.shape)}")
+    if (student_logits.dtype == torch.float64) != (teacher_values.dtype == torch.float64):
+        raise TypeError(f"{name}: float64 student_logits and teacher_values must both be float64, "
+                        f"got {student_logits.dtype} and {teacher_values.dtype}")
+    return check_labels(labels, student_logits, alpha, name)
+
+
+def check_teacher_index_values(teacher_indices: torch.Tensor, vocab: int) -> None:
+    """Raises if a teacher index is outside [-1, vocab) (synchronises on GPU)."""
+    bad = (teacher_indices < -1) | (teacher_indices >= vocab)
+    if bool(bad.any()):
+        value = int(teacher_indices[bad][0])
+        raise ValueError(f"sparse_kd_loss: teacher_indices must be in [0, {vocab}) or -1 "
+                         f"(padding), got {value}")

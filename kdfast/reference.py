@@ -27,7 +27,12 @@ from kdfast._args import (
     check_feature_maps,
     check_label_values,
     check_options,
+    check_sample_args,
+    check_sparse_kd_options,
+    check_sparse_kd_tensors,
+    check_teacher_index_values,
     check_tensors,
+    check_topk_args,
     feature_map_pairs,
     reduce_rows,
 )
@@ -369,3 +374,132 @@ def attention_transfer_loss(student_feat: FeatureMaps, teacher_feat: FeatureMaps
         loss = (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
         total = loss if total is None else total + loss
     return total
+
+
+# --- sparse teacher: topk_logits, sample_logits, sparse_kd_loss ----------------------------
+
+_ROW_CHUNK = 256  # rows per step of the references below, which sort or expand whole rows
+
+
+def _rows2d(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _log_softmax_t(x: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(x / T)`` of ``[N, V]`` rows in the accumulation dtype, shifted by the
+    row max first (logits of 1e4 stay exact). Rows without a finite entry are NaN."""
+    x = x.to(_acc_dtype(x))
+    return F.log_softmax((x - x.amax(-1, keepdim=True)) / temperature, dim=-1)
+
+
+def topk_logits(teacher_logits: Tensor, k: int, *, temperature: float = 1.0,
+                index_dtype: torch.dtype = torch.int64) -> tuple[Tensor, Tensor]:
+    """Reference :func:`kdfast.topk_logits`: a stable descending sort of each row (ties:
+    lower index first), and ``log_softmax(teacher_logits / T)`` gathered there.
+    Differentiable in ``teacher_logits``."""
+    check_topk_args(teacher_logits, k, temperature, index_dtype)
+    x = _rows2d(teacher_logits)
+    indices, logprobs = [], []
+    for start in range(0, x.shape[0], _ROW_CHUNK):
+        rows = x[start:start + _ROW_CHUNK]
+        order = torch.sort(rows.detach().to(_acc_dtype(rows)), dim=-1, descending=True,
+                           stable=True).indices[:, :k]
+        indices.append(order)
+        logprobs.append(_log_softmax_t(rows, temperature).gather(1, order))
+    lead = teacher_logits.shape[:-1]
+    idx = torch.cat(indices).reshape(*lead, k).to(index_dtype) if indices else \
+        x.new_empty((*lead, k), dtype=index_dtype)
+    lp = torch.cat(logprobs).reshape(*lead, k) if logprobs else \
+        x.new_empty((*lead, k), dtype=_acc_dtype(x))
+    return idx, lp
+
+
+def sample_logits(teacher_logits: Tensor, num_samples: int, *, temperature: float = 1.0,
+                  generator: torch.Generator | None = None,
+                  index_dtype: torch.dtype = torch.int64) -> tuple[Tensor, Tensor]:
+    """Reference :func:`kdfast.sample_logits`: ``torch.multinomial`` with replacement, then
+    the draws of each row counted. Same distribution as the kernel, not the same draws.
+    Rows whose softmax is undefined (no finite logit, or NaN) are all padding."""
+    check_sample_args(teacher_logits, num_samples, temperature, generator, index_dtype)
+    x = _rows2d(teacher_logits.detach())
+    lead = teacher_logits.shape[:-1]
+    out_idx = torch.full((x.shape[0], num_samples), -1, dtype=torch.int64, device=x.device)
+    out_cnt = torch.zeros((x.shape[0], num_samples), dtype=torch.int64, device=x.device)
+    for start in range(0, x.shape[0], _ROW_CHUNK):
+        probs = _log_softmax_t(x[start:start + _ROW_CHUNK], temperature).exp()
+        defined = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
+        probs = torch.where(defined.unsqueeze(-1), probs, 1.0)
+        draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        draws = draws.sort(-1).values
+        first = torch.ones_like(draws, dtype=torch.bool)
+        first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+        slot = first.long().cumsum(-1) - 1  # output column of each draw
+        idx = torch.full_like(draws, -1).scatter_(1, slot, draws)
+        cnt = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
+        out_idx[start:start + _ROW_CHUNK] = torch.where(defined.unsqueeze(-1), idx, -1)
+        out_cnt[start:start + _ROW_CHUNK] = torch.where(defined.unsqueeze(-1), cnt, 0)
+    probs = out_cnt.to(torch.float32) / num_samples
+    return (out_idx.reshape(*lead, num_samples).to(index_dtype),
+            probs.reshape(*lead, num_samples))
+
+
+def sparse_kd_loss_rows(student: Tensor, teacher_indices: Tensor, teacher_values: Tensor,
+                        labels: Tensor | None, values: str, temperature: float, tail: str,
+                        alpha: float, ignore_index: int) -> Tensor:
+    """Per-row :func:`kdfast.sparse_kd_loss` (0 on ignored rows), plain PyTorch with the
+    student's full ``log_softmax`` and a dense support mask (the fused kernel never forms
+    either). Shapes: ``student`` ``[..., V]``, teacher ``[..., K]``; returns ``[...]`` in
+    float32 (float64 for float64 inputs). Differentiable in ``student``."""
+    acc = _acc_dtype(student)
+    s = _rows2d(student).to(acc)
+    idx = _rows2d(teacher_indices).long()
+    val = _rows2d(teacher_values).to(acc)
+    y = None if labels is None else labels.reshape(-1)
+    if y is not None:
+        counted = (y != ignore_index).unsqueeze(-1)
+        s = torch.where(counted, s, 0.0)
+    valid = idx >= 0
+    safe = torch.where(valid, idx, 0)
+    log_q_all = _log_softmax_t(s, temperature)
+    log_q = log_q_all.gather(1, safe)
+    if values == "logprobs":
+        p = torch.where(valid, val.exp(), 0.0)
+        log_p = val
+    else:
+        p = torch.where(valid, val, 0.0)
+        log_p = torch.where(p > 0, p, 1.0).log()
+    mass = p.sum(-1)
+    if tail == "renormalize":
+        p_hat = torch.where(mass.unsqueeze(-1) > 0, p / mass.unsqueeze(-1), 0.0)
+        log_p_hat = log_p - torch.where(mass > 0, mass, 1.0).log().unsqueeze(-1)
+        kd = (p_hat * _masked_diff(p_hat, log_p_hat, log_q)).sum(-1)
+    else:
+        kd = (p * _masked_diff(p, log_p, log_q)).sum(-1)
+        r_t = (1.0 - mass).clamp(min=0.0)
+        in_support = torch.zeros_like(s, dtype=torch.bool).scatter_(1, safe, valid)
+        r_s = torch.where(in_support, 0.0, log_q_all.exp()).sum(-1)
+        log_r_s = r_s.clamp(min=torch.finfo(acc).tiny).log()
+        log_r_t = torch.where(r_t > 0, r_t, 1.0).log()
+        kd = kd + torch.where(r_t > 0, r_t * (log_r_t - log_r_s), 0.0)
+    rows = kd * ((1.0 - alpha) * temperature**2)
+    if alpha > 0:
+        rows = rows + alpha * F.cross_entropy(s, y, ignore_index=ignore_index, reduction="none")
+    if y is not None:
+        rows = torch.where(counted.squeeze(-1), rows, 0.0)
+    return rows.reshape(student.shape[:-1])
+
+
+def sparse_kd_loss(student_logits: Tensor, teacher_indices: Tensor, teacher_values: Tensor,
+                   labels: Tensor | None = None, *, values: str = "logprobs",
+                   temperature: float = 1.0, tail: str = "renormalize", alpha: float = 0.0,
+                   ignore_index: int = -100, reduction: str = "batchmean") -> Tensor:
+    """Reference :func:`kdfast.sparse_kd_loss`: same arguments, same result, plain PyTorch."""
+    check_sparse_kd_options(values, temperature, tail, alpha, ignore_index, reduction)
+    labels = check_sparse_kd_tensors(student_logits, teacher_indices, teacher_values, labels,
+                                     alpha)
+    check_teacher_index_values(teacher_indices, student_logits.shape[-1])
+    if labels is not None:
+        check_label_values(labels, student_logits.shape[-1], ignore_index, "sparse_kd_loss")
+    rows = sparse_kd_loss_rows(student_logits, teacher_indices, teacher_values.detach(), labels,
+                               values, temperature, tail, alpha, ignore_index)
+    return reduce_rows(rows, labels, ignore_index, reduction)
