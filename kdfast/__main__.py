@@ -8,6 +8,7 @@ Examples::
     python -m kdfast bench --out results/cpu   # full kd_loss benchmark on this machine
     python -m kdfast bench --op dkd --quick    # another op: feature_loss, attention_transfer, dkd
     python -m kdfast bench --op all            # every op, one folder
+    python -m kdfast bench --op cache --quick  # the teacher cache: bytes/token, build, student epoch
     python -m kdfast cache info out/cache      # a teacher cache (also: cache build, cache verify)
 """
 
@@ -43,7 +44,13 @@ def _bench(args: argparse.Namespace) -> int:
     from kdfast.bench import common
 
     benches = bench.load_all()
-    common.run(common.selected_benches(args, benches), args, known=benches)
+    selected = common.selected_benches(args, benches)
+    if selected:
+        common.run(selected, args, known=benches)
+    if any(name in (args.op or []) for name in ("cache", "all")):
+        from kdfast.bench import cache
+
+        cache.run(args)
     return 0
 
 
@@ -75,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"bandwidth, the loss checked against a reference. --op picks the op(s) (default "
         f"{benches[0].name}); each op's shapes and options are listed below. Writes <op>.csv, <op>.md "
         "(table, notes, targets) and <op>.png per op, and machine.json, into --out.")
-    common.add_arguments(bench, benches, select=True)
+    common.add_arguments(bench, benches, select=True, separate=benchmarks.SEPARATE)
+    from kdfast.bench import cache as cache_bench
+
+    cache_bench.add_arguments(bench.add_argument_group("--op cache", cache_bench.SUMMARY))
     bench.set_defaults(func=_bench)
 
     info = sub.add_parser("info", help="print kdfast.build_info() and the torch / device setup")
