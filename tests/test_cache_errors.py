@@ -168,6 +168,49 @@ def test_corrupt_progress_file_is_not_resumed_silently(tmp_path):
     assert len(cache) == 4 and not (folder / fmt.progress_file(0)).exists()
 
 
+def _stop_after(batches):
+    """A forward that raises on its call number ``batches + 1`` (an interrupted build)."""
+    calls = [0]
+
+    def forward(teacher, batch):
+        calls[0] += 1
+        if calls[0] > batches:
+            raise KeyboardInterrupt
+        return {"logits": teacher(batch["input_ids"]), "mask": batch["attention_mask"]}
+    return forward
+
+
+def test_resume_refuses_a_damaged_committed_shard(tmp_path):
+    folder = tmp_path / "c"
+    items = token_dataset(n=12)
+    options = {"storage": TopK(k=3), "shard_tokens": 1, "progress": False, "fingerprint": "fp"}
+    with pytest.raises(KeyboardInterrupt):
+        TeacherCache.build(folder, TinyLM(), loader(items, 2), forward=_stop_after(3), **options)
+    name = sorted(f for f in os.listdir(folder) if f.endswith(".values"))[0]
+    os.truncate(folder / name, 2)
+    with pytest.raises(CacheCorruptError, match=rf"cannot resume: .*{name}.* is 2 bytes"):
+        TeacherCache.build(folder, TinyLM(), loader(items, 2), **options)
+    cache = TeacherCache.build(folder, TinyLM(), loader(items, 2), overwrite=True, **options)
+    cache.verify()
+
+
+def test_leftovers_of_a_build_killed_after_its_header_are_removed(built, tmp_path):
+    folder = _copy(built["topk"], tmp_path)
+    header = fmt.loads_checked(open(folder / fmt.HEADER_FILE, "rb").read(), "h")
+    (folder / fmt.progress_file(0)).write_bytes(b"stale")
+    (folder / (fmt.HEADER_FILE + fmt.TMP_SUFFIX)).write_bytes(b"stale")
+    feats = {"hidden": Feature(per_token=True, module="body"), "pooled": Feature()}
+
+    def forward(teacher, batch):  # the fixture's forward: same settings, so the build is done
+        raise AssertionError("the teacher must not run again")
+
+    cache = TeacherCache.build(folder, TinyLM(), loader(token_dataset(n=14, empty=(6,)), 4),
+                               storage=TopK(k=4), temperature=2.0, shard_tokens=25, progress=False,
+                               forward=forward, features=feats)
+    assert cache.header == header
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(built["topk"]))
+
+
 # ---------------------------------------------------------------------------
 # Mismatched teacher and settings
 # ---------------------------------------------------------------------------

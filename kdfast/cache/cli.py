@@ -220,7 +220,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     b.add_argument("--fingerprint", default=None,
                    help="teacher fingerprint (default: sha256 of its state_dict)")
     b.add_argument("--vocab-size", type=int, default=None, help="check the teacher's vocabulary size")
-    b.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    b.add_argument("--overwrite", action="store_true",
+                   help="start afresh: remove the cache in PATH first (any settings, finished or not)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     i = cmds.add_parser("info", help="describe a cache (storage, sizes, bytes per token)")

@@ -155,8 +155,10 @@ class TeacherCache:
             progress: a tqdm progress bar (rank 0).
             device: where the teacher runs (default: its parameters' device).
             vocab_size: the expected vocabulary size, checked.
-            overwrite: replace a cache (finished or not) built with other settings,
-                instead of raising :class:`CacheMismatchError`.
+            overwrite: start afresh: remove the cache files in ``path`` (finished or not,
+                any settings) first. Without it, a finished cache with the same settings is
+                returned, an unfinished one resumed, and other settings raise
+                :class:`CacheMismatchError`.
             fsync: sync files and folder at each commit (crash safety; off only for tests
                 and benchmarks).
 
@@ -422,10 +424,13 @@ class TeacherCache:
                 off = arrays["offsets"]
                 if int(off[0]) != 0 or int(off[-1]) != shard["rows"] or bool((off.diff() < 0).any()):
                     problems.append(f"{stem}.offsets: the row offsets are not 0 .. {shard['rows']} in order")
-            if "indices" in arrays and arrays["indices"].numel():
-                idx = fmt.decode_indices(arrays["indices"], self.fields["indices"].elem)
-                if int(idx.max()) >= self.vocab_size:
+            raw = arrays.get("indices")
+            step = max(1, (1 << 22) // max(1, self.codec.width))  # rows per piece: int64 ids of ~32 MiB
+            for start in range(0, 0 if raw is None else raw.shape[0], step):
+                idx = fmt.decode_indices(raw[start:start + step], self.fields["indices"].elem)
+                if idx.numel() and int(idx.max()) >= self.vocab_size:
                     problems.append(f"{stem}.indices: a token id is >= the vocabulary size {self.vocab_size}")
+                    break
         self._maps = {}
         return problems
 

@@ -372,6 +372,26 @@ def _discard_uncommitted(folder: str, rank: int, committed: int) -> None:
         os.remove(tmp)
 
 
+def _check_committed(folder: str, state: dict) -> None:
+    """The committed shards of a resumed rank still have the sizes recorded for them."""
+    for shard in state["shards"]:
+        for name, f in shard["files"].items():
+            path = os.path.join(folder, f"{shard['stem']}.{name}")
+            size = os.path.getsize(path) if os.path.exists(path) else None
+            if size != f["bytes"]:
+                found = "missing" if size is None else f"{size} bytes"
+                raise CacheCorruptError(f"TeacherCache.build: cannot resume: {path} is {found}, its progress "
+                                        f"file says {f['bytes']} bytes; use overwrite=True to start again")
+
+
+def _remove_leftovers(folder: str) -> None:
+    """Progress and temporary files next to a finished cache."""
+    for name in os.listdir(folder):
+        if name.startswith(fmt.PROGRESS_PREFIX) or name.endswith(fmt.TMP_SUFFIX):
+            if fmt.is_cache_file(name):
+                os.remove(os.path.join(folder, name))
+
+
 def _diff(saved: dict, now: dict, prefix: str = "") -> list:
     """``["name: saved -> now", ...]`` for the entries of two configs that differ."""
     out = []
@@ -493,8 +513,11 @@ def build(path: str | os.PathLike, teacher: Any, data: Any, *, storage, temperat
     os.makedirs(folder, exist_ok=True)
     action = _check_folder(folder, config, overwrite)  # every rank decides alike, before anyone writes
     _barrier(world)
-    if action == "done":
-        return TeacherCache.open(folder, vocab_size=vocab_size)  # already built with these settings
+    if action == "done":  # already built with these settings
+        if rank == 0:
+            _remove_leftovers(folder)  # a build killed after writing its header
+        _barrier(world)
+        return TeacherCache.open(folder, vocab_size=vocab_size)
     if action == "clear" and rank == 0:
         for p in _our_files(folder):
             os.remove(p)
@@ -511,6 +534,7 @@ def build(path: str | os.PathLike, teacher: Any, data: Any, *, storage, temperat
                  "config": config, "rank": rank, "range": [lo, hi], "next_sample": lo, "vocab_size": None,
                  "layout": None, "feature_shapes": None, "shard_tokens": shard_tokens, "shards": []}
     _discard_uncommitted(folder, rank, len(state["shards"]))
+    _check_committed(folder, state)
 
     if state["next_sample"] < hi:
         _build_rank(folder, teacher, src, state, storage, temperature, batch_size, forward, feats, seed,
@@ -523,11 +547,13 @@ def build(path: str | os.PathLike, teacher: Any, data: Any, *, storage, temperat
 
 
 def _check_folder(folder: str, config: dict, overwrite: bool) -> str:
-    """What to do with ``folder`` before a build: ``"done"`` (a finished cache with these
-    settings), ``"build"`` (empty, or an unfinished build with these settings to resume)
-    or ``"clear"`` (other settings or corrupt files, and ``overwrite``). Without
-    ``overwrite``, other settings raise :class:`CacheMismatchError` listing the
-    differences and a corrupt header / progress file :class:`CacheCorruptError`."""
+    """What to do with ``folder`` before a build: ``"clear"`` (``overwrite``: remove any
+    cache files, finished or not), ``"done"`` (a finished cache with these settings) or
+    ``"build"`` (empty, or an unfinished build with these settings to resume). Other
+    settings raise :class:`CacheMismatchError` listing the differences, a corrupt header /
+    progress file :class:`CacheCorruptError`."""
+    if overwrite:
+        return "clear" if any(fmt.is_cache_file(n) for n in os.listdir(folder)) else "build"
     header_path = os.path.join(folder, fmt.HEADER_FILE)
     if os.path.exists(header_path):
         names, what = [fmt.HEADER_FILE], "a finished cache"
@@ -542,14 +568,10 @@ def _check_folder(folder: str, config: dict, overwrite: bool) -> str:
                 saved = fmt.loads_checked(f.read(), path)
             saved = saved["build"] if name == fmt.HEADER_FILE else saved["config"]
         except (CacheCorruptError, KeyError) as exc:
-            if overwrite:
-                return "clear"
             raise CacheCorruptError(f"TeacherCache.build: {folder} holds {what} whose {name} is corrupt "
                                     f"({exc}); use overwrite=True to replace it") from None
         if saved == config:
             continue
-        if overwrite:
-            return "clear"
         raise CacheMismatchError(f"TeacherCache.build: {folder} holds {what} ({name}) with other settings: "
                                  + "; ".join(_diff(saved, config)) + ". Use another path, the same settings "
                                  "to resume, or overwrite=True to replace it")
