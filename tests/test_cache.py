@@ -411,3 +411,17 @@ def test_teacher_batch_to_and_pin(tmp_path):
     moved = tb.to("cpu")
     assert torch.equal(moved.indices, tb.indices)
     assert np.array_equal(moved.lengths.numpy(), tb.lengths.numpy())
+
+
+def test_teacher_batch_loss_without_labels_skips_padding_and_needs_labels_for_alpha(tmp_path):
+    items = token_dataset(n=4)
+    cache = _build(tmp_path, TopK(k=6), items)
+    tb = collate_teacher([cache[i] for i in range(4)])
+    student = torch.randn(4, tb.values.shape[1], VOCAB)
+    rows = torch.cat([student[j, :n] for j, n in enumerate(tb.lengths.tolist())])
+    dec = [cache.decode(j) for j in range(4)]
+    ref = kdfast.sparse_kd_loss(rows, torch.cat([d[0] for d in dec]), torch.cat([d[1] for d in dec]),
+                                temperature=T)
+    assert torch.allclose(tb.loss(student), ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="alpha > 0 needs labels"):
+        tb.loss(student, alpha=0.5)

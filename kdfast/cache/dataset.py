@@ -88,7 +88,10 @@ class TeacherBatch:
                     indices = torch.nn.functional.pad(indices, (0, 0, 0, extra), value=-1)
                 mask = torch.nn.functional.pad(mask, (0, extra), value=False)
             if labels is None:
-                labels = torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
+                if kwargs.get("alpha", 0.0):
+                    raise ValueError("TeacherBatch.loss: alpha > 0 needs labels")
+                # labels only to skip the padded rows (alpha is 0: no cross-entropy)
+                labels = torch.zeros(mask.shape, dtype=torch.int64, device=student_logits.device)
             labels = labels.masked_fill(~mask.to(labels.device), ignore_index)
         if indices is None:
             return kdfast.kd_loss(student_logits, values.to(student_logits.device), labels,
