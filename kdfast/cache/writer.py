@@ -216,16 +216,47 @@ def _index_dtype(vocab_size: int) -> torch.dtype:
     return torch.int32 if vocab_size < 2**31 else torch.int64
 
 
-def encode_batch(out: _Outputs, storage, temperature: float, seed: int, first_sample: int,
-                 features: dict) -> tuple[dict, np.ndarray | None, dict]:
-    """``({field: numpy records}, per-sample row counts or None, {feature: shape})``."""
+@dataclass
+class _Reduced:
+    """One batch's outputs reduced on the teacher's device (what is stored, in compact
+    types) and copied towards the host; ``ready`` (a CUDA event, or None) marks the end
+    of the copies."""
+
+    tensors: dict  # field name -> (tensor, element type of the field)
+    lengths: torch.Tensor | None  # rows per sample (token layout)
+    samples: int
+    vocab: int
+    layout: str
+    shapes: dict  # feature name -> shape of one record
+    ready: Any = None
+
+    def arrays(self) -> tuple[dict, np.ndarray | None]:
+        """``({field: numpy records}, rows per sample)``, once the copies are done."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        out = {}
+        for name, (t, elem) in self.tensors.items():
+            out[name] = fmt.encode_floats(t, elem) if elem in fmt.FLOAT_BY_NAME else fmt.encode_ints(t, elem)
+        return out, None if self.lengths is None else self.lengths.numpy().astype(np.int64)
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """Starts the copy of ``t`` to the host (asynchronous from CUDA, into pinned memory)."""
+    return t.to("cpu", non_blocking=True) if t.device.type != "cpu" else t
+
+
+def reduce_batch(out: _Outputs, storage, temperature: float, seed: int, first_sample: int,
+                 features: dict) -> _Reduced:
+    """Runs the top-k / sampling op on the batch's logits where they are, keeps the rows of
+    the mask, narrows the types, and starts the copies to the host."""
     import kdfast
 
     logits, mask = out.logits, out.mask
     vocab = logits.shape[-1]
     rows = logits if logits.dim() == 2 else logits.reshape(-1, vocab)
     keep = None if mask is None else mask.reshape(-1)
-    arrays: dict = {}
+    id_elem = fmt.index_type(vocab)
+    tensors: dict = {}
     if isinstance(storage, fmt.TopK):
         if storage.k > vocab:
             raise ValueError(f"TeacherCache.build: storage TopK(k={storage.k}) needs k <= the vocabulary "
@@ -234,8 +265,9 @@ def encode_batch(out: _Outputs, storage, temperature: float, seed: int, first_sa
                                        index_dtype=_index_dtype(vocab))
         if keep is not None:
             idx, logp = idx[keep], logp[keep]
-        arrays["indices"] = fmt.encode_ints(idx, fmt.index_type(vocab))
-        arrays["values"] = fmt.encode_floats(logp, fmt.FLOAT_DTYPES[storage.dtype])
+        value_elem = fmt.FLOAT_DTYPES[storage.dtype]
+        tensors["indices"] = (idx, id_elem)
+        tensors["values"] = (logp.to(storage.dtype), value_elem)
     elif isinstance(storage, fmt.Sampled):
         gen = torch.Generator(device=logits.device)
         gen.manual_seed(batch_seed(seed, first_sample))
@@ -245,16 +277,17 @@ def encode_batch(out: _Outputs, storage, temperature: float, seed: int, first_sa
             idx, probs = idx[keep], probs[keep]
         counts = torch.round(probs * storage.num_samples).to(torch.int32)
         idx = torch.where(counts > 0, idx, torch.zeros_like(idx))
-        arrays["indices"] = fmt.encode_ints(idx, fmt.index_type(vocab))
-        arrays["counts"] = fmt.encode_ints(counts, fmt.count_type(storage.num_samples))
+        count_elem = fmt.count_type(storage.num_samples)
+        tensors["indices"] = (idx, id_elem)
+        tensors["counts"] = (counts.to(torch.uint8) if count_elem == "uint8" else counts, count_elem)
     else:
         dense = rows if keep is None else rows[keep]
-        arrays["logits"] = fmt.encode_floats(dense, fmt.FLOAT_DTYPES[storage.dtype])
+        tensors["logits"] = (dense.to(storage.dtype), fmt.FLOAT_DTYPES[storage.dtype])
     lengths = None
     if logits.dim() == 3:
         b, seq = logits.shape[:2]
-        lengths = (np.full(b, seq, dtype=np.int64) if mask is None
-                   else mask.sum(1).to(torch.int64).cpu().numpy())
+        lengths = (torch.full((b,), seq, dtype=torch.int64) if mask is None
+                   else mask.sum(1).to(torch.int64))
     shapes = {}
     for name, spec in features.items():
         if name not in out.features:
@@ -270,7 +303,7 @@ def encode_batch(out: _Outputs, storage, temperature: float, seed: int, first_sa
                 raise ValueError(f"TeacherCache.build: per-token feature {name!r} must be [B, L, ...] with "
                                  f"the logits' [B, L] = {list(logits.shape[:-1])}, got {list(t.shape)}")
             flat = t.reshape(-1, *t.shape[2:])
-            flat = flat if keep is None else flat[keep]
+            flat = flat if keep is None else flat[keep.to(flat.device)]
             shapes[name] = list(t.shape[2:])
         else:
             if t.dim() < 1 or t.shape[0] != logits.shape[0]:
@@ -278,8 +311,15 @@ def encode_batch(out: _Outputs, storage, temperature: float, seed: int, first_sa
                                  f"{logits.shape[0]}, got {list(t.shape)}")
             flat = t
             shapes[name] = list(t.shape[1:])
-        arrays[f"feature.{name}"] = fmt.encode_floats(flat, fmt.FLOAT_DTYPES[spec.dtype])
-    return arrays, lengths, shapes
+        tensors[f"feature.{name}"] = (flat.to(spec.dtype), fmt.FLOAT_DTYPES[spec.dtype])
+    tensors = {name: (_host(t), elem) for name, (t, elem) in tensors.items()}
+    lengths = None if lengths is None else _host(lengths)
+    ready = None
+    if logits.device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record()
+    return _Reduced(tensors, lengths, logits.shape[0], vocab, "sample" if logits.dim() == 2 else "token",
+                    shapes, ready)
 
 
 # ---------------------------------------------------------------------------
@@ -580,6 +620,8 @@ def _check_folder(folder: str, config: dict, overwrite: bool) -> str:
 
 def _build_rank(folder, teacher, src: _Data, state: dict, storage, temperature, batch_size, forward, feats,
                 seed, progress, device, vocab_size, fsync, rank, world, hi) -> None:
+    """Runs the teacher over this rank's uncommitted batches; a writer thread encodes,
+    writes and commits them behind the teacher (at most two batches behind)."""
     from torch.utils.data import DataLoader, Subset
 
     start = state["next_sample"]
@@ -589,7 +631,7 @@ def _build_rank(folder, teacher, src: _Data, state: dict, storage, temperature, 
               "pin_memory": src.pin_memory}
     if src.collate_fn is not None:
         kwargs["collate_fn"] = src.collate_fn
-    loader = DataLoader(subset, **kwargs)
+    batches = iter(DataLoader(subset, **kwargs))  # worker processes start before the writer thread
     dev = torch.device(device) if device is not None else _teacher_device(teacher)
     forward = forward or default_forward
     was_training = getattr(teacher, "training", None)
@@ -598,41 +640,24 @@ def _build_rank(folder, teacher, src: _Data, state: dict, storage, temperature, 
     hooks = _hook_features(teacher, feats)
     bar = _progress_bar(progress and rank == 0, total=hi - lo, initial=start - lo,
                         desc="kdfast cache build" + (f" (rank 0 of {world})" if world > 1 else ""))
-    writer = None
-    fields = None
+    writer = _Writer(folder, rank, state, storage, feats, vocab_size, fsync, hi)
     next_sample = start
     try:
-        for batch in loader:
+        for batch in batches:
             count = min(batch_size, hi - next_sample)
             hooks.captured.clear()
             with torch.inference_mode():
                 out = forward(teacher, _to_device(batch, dev))
                 out = _normalize_outputs(out, count, dict(hooks.captured))
-                arrays, lengths, shapes = encode_batch(out, storage, temperature, seed, next_sample, feats)
-            vocab = out.logits.shape[-1]
-            layout = "sample" if out.logits.dim() == 2 else "token"
-            _record_shapes(state, vocab, layout, shapes, vocab_size, feats)
-            if fields is None:
-                fields = fmt.make_fields(storage, vocab, layout, feats, state["feature_shapes"])
-                if state["shard_tokens"] is None:
-                    row_bytes = sum(f.record_bytes for f in fields.values())
-                    state["shard_tokens"] = max(1, DEFAULT_SHARD_BYTES // max(1, row_bytes))
-            if writer is None:
-                writer = _ShardWriter(folder, fmt.shard_stem(rank, len(state["shards"])), fields, next_sample)
-            writer.append(arrays, lengths, count)
+                reduced = reduce_batch(out, storage, temperature, seed, next_sample, feats)
+            del out
+            writer.submit(reduced)
             next_sample += count
             if bar is not None:
                 bar.update(count)
-            if writer.rows >= state["shard_tokens"] or next_sample >= hi:
-                entry = writer.commit(fsync)
-                writer = None
-                state["shards"].append(entry)
-                state["next_sample"] = next_sample
-                fmt.write_atomic(os.path.join(folder, fmt.progress_file(rank)), fmt.dumps_checked(state),
-                                 fsync=fsync)
+        writer.finish()
     finally:
-        if writer is not None:
-            writer.close()  # its .tmp files are discarded by the next run
+        writer.stop()  # after an error: the batches already handed over are still written
         hooks.remove()
         if bar is not None:
             bar.close()
@@ -641,6 +666,100 @@ def _build_rank(folder, teacher, src: _Data, state: dict, storage, temperature, 
     if next_sample != hi:
         raise CacheError(f"TeacherCache.build: the data loader stopped at sample {next_sample} of rank "
                          f"{rank}'s slice [{lo}, {hi}); it must yield every sample of the dataset")
+
+
+class _Writer:
+    """A thread that turns reduced batches into shards, in order: appends each to the
+    open shard, closes and commits the shard when it reaches ``shard_tokens`` rows or
+    the slice ends (the commit protocol is in :class:`_ShardWriter` and the progress
+    file). Errors are raised in the caller at the next :meth:`submit` or :meth:`finish`."""
+
+    def __init__(self, folder: str, rank: int, state: dict, storage, feats: dict, vocab_size: int | None,
+                 fsync: bool, hi: int, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.folder, self.rank, self.state, self.storage, self.feats = folder, rank, state, storage, feats
+        self.vocab_size, self.fsync, self.hi = vocab_size, fsync, hi
+        self.queue: Any = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.shard: _ShardWriter | None = None
+        self.fields: dict | None = None
+        self.next_sample = state["next_sample"]
+        self.thread = threading.Thread(target=self._run, name="kdfast-cache-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, item: _Reduced) -> None:
+        import queue
+
+        while True:
+            self._raise()
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Waits until every batch is written and committed."""
+        self.submit(None)
+        self.thread.join()
+        self._raise()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            import queue
+
+            while self.thread.is_alive():
+                try:
+                    self.queue.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            self.thread.join()
+        if self.shard is not None:
+            self.shard.close()  # an unfinished shard: its .tmp files are discarded by the next run
+            self.shard = None
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after an error
+            try:
+                self._write(item)
+            except BaseException as exc:  # handed to the caller
+                self.error = exc
+
+    def _write(self, item: _Reduced) -> None:
+        state = self.state
+        arrays, lengths = item.arrays()
+        _record_shapes(state, item.vocab, item.layout, item.shapes, self.vocab_size, self.feats)
+        if self.fields is None:
+            self.fields = fmt.make_fields(self.storage, item.vocab, item.layout, self.feats,
+                                          state["feature_shapes"])
+            if state["shard_tokens"] is None:
+                row_bytes = sum(f.record_bytes for f in self.fields.values())
+                state["shard_tokens"] = max(1, DEFAULT_SHARD_BYTES // max(1, row_bytes))
+        if self.shard is None:
+            stem = fmt.shard_stem(self.rank, len(state["shards"]))
+            self.shard = _ShardWriter(self.folder, stem, self.fields, self.next_sample)
+        self.shard.append(arrays, lengths, item.samples)
+        self.next_sample += item.samples
+        if self.shard.rows >= state["shard_tokens"] or self.next_sample >= self.hi:
+            entry = self.shard.commit(self.fsync)
+            self.shard = None
+            state["shards"].append(entry)
+            state["next_sample"] = self.next_sample
+            progress = os.path.join(self.folder, fmt.progress_file(self.rank))
+            fmt.write_atomic(progress, fmt.dumps_checked(state), fsync=self.fsync)
 
 
 def _record_shapes(state: dict, vocab: int, layout: str, shapes: dict, vocab_size: int | None,
