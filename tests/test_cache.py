@@ -425,3 +425,25 @@ def test_teacher_batch_loss_without_labels_skips_padding_and_needs_labels_for_al
     assert torch.allclose(tb.loss(student), ref, rtol=1e-5)
     with pytest.raises(ValueError, match="alpha > 0 needs labels"):
         tb.loss(student, alpha=0.5)
+
+
+def test_dict_batches_of_a_sequence_classifier(tmp_path):
+    """Dict batches with an attention_mask and [B, V] logits: one row per sample."""
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = TinyLM()
+
+        def forward(self, input_ids, attention_mask):
+            logits = self.lm(input_ids) * attention_mask[..., None]
+            return {"logits": logits.sum(1) / attention_mask.sum(1, keepdim=True).clamp_min(1)}
+
+    items = token_dataset(n=6)
+    cache = TeacherCache.build(tmp_path / "c", Classifier(), loader(items, 4), storage=Dense(torch.float32),
+                               progress=False, fsync=False)
+    assert cache.layout == "sample" and len(cache) == 6
+    with torch.no_grad():
+        batch = pad_collate(items[:4])
+        ref = Classifier()(batch["input_ids"], batch["attention_mask"])["logits"]
+    assert torch.allclose(cache.decode(2)[1], ref[2])

@@ -194,7 +194,7 @@ class TeacherCache:
         if not os.path.exists(header_path):
             if any(fmt.is_cache_file(n) for n in os.listdir(folder)):
                 raise CacheError(f"teacher cache {folder} is an unfinished build (no {fmt.HEADER_FILE} yet); "
-                                 f"run the same TeacherCache.build again to resume it")
+                                 "run the same TeacherCache.build again to resume it")
             raise CacheError(f"{folder} is not a kdfast teacher cache: it has no {fmt.HEADER_FILE}")
         with open(header_path, "rb") as f:
             header = fmt.loads_checked(f.read(), header_path)

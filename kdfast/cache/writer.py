@@ -85,7 +85,7 @@ def resolve_data(data: object) -> _Data:
         return _Data(data.dataset, data.batch_size, data.collate_fn, data.num_workers, data.pin_memory)
     if isinstance(data, IterableDataset):
         raise TypeError(f"{what} is an IterableDataset; the cache keys outputs by sample index, so it needs "
-                        f"a map-style dataset (__len__ and __getitem__)")
+                        "a map-style dataset (__len__ and __getitem__)")
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise TypeError(f"{what} must be a map-style Dataset (__len__ and __getitem__) or a DataLoader over "
                         f"one, got {type(data).__name__}")
@@ -100,13 +100,14 @@ def resolve_data(data: object) -> _Data:
 def default_forward(teacher: Callable, batch: Any) -> Any:
     """The default ``forward(teacher, batch)``: a dict batch is passed as keyword
     arguments (without ``labels``) and its ``attention_mask`` selects the stored token
-    rows; a tuple / list batch passes its first element (``(inputs, targets)``); any
+    rows of ``[B, L, V]`` logits; a tuple / list batch passes its first element
+    (``(inputs, targets)``); any
     other batch is passed as is. The teacher may return logits, an object with
     ``.logits`` (Hugging Face) or a dict with ``"logits"``."""
     if isinstance(batch, Mapping):
-        out = teacher(**{k: v for k, v in batch.items() if k != "labels"})
-        mask = batch.get("attention_mask")
-        return {"logits": _logits_of(out), "mask": mask}
+        logits = _logits_of(teacher(**{k: v for k, v in batch.items() if k != "labels"}))
+        mask = batch.get("attention_mask") if logits.dim() == 3 else None  # not for [B, V] classifiers
+        return {"logits": logits, "mask": mask}
     if isinstance(batch, (tuple, list)):
         return teacher(batch[0])
     return teacher(batch)
