@@ -447,3 +447,17 @@ def test_dict_batches_of_a_sequence_classifier(tmp_path):
         batch = pad_collate(items[:4])
         ref = Classifier()(batch["input_ids"], batch["attention_mask"])["logits"]
     assert torch.allclose(cache.decode(2)[1], ref[2])
+
+
+def test_reader_keeps_a_bounded_number_of_shards_mapped(tmp_path, monkeypatch):
+    from kdfast.cache import reader
+
+    monkeypatch.setattr(reader, "MAX_MAPPED_SHARDS", 2)
+    items = token_dataset(n=12)
+    cache = _build(tmp_path, TopK(k=4), items, batch_size=2, shard_tokens=5)
+    assert len(cache.shards) > 4
+    held = [cache[i] for i in range(12)]  # views outlive the eviction of their shard's map
+    assert len(cache._maps) == 2
+    fresh = TeacherCache.open(cache.path)
+    for i, out in enumerate(held):
+        assert torch.equal(out.decode()[0], fresh.decode(i)[0])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 
 from kdfast.cache import format as fmt
 from kdfast.cache.format import CacheCorruptError, CacheError, CacheMismatchError
+
+MAX_MAPPED_SHARDS = 64  # shards a reader keeps mapped at once
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class TeacherCache:
         self.fields = fmt.fields_from_json(header["fields"])
         self.shards = header["shards"]
         self._firsts = [s["first_sample"] for s in self.shards]
-        self._maps: dict = {}
+        self._maps: OrderedDict = OrderedDict()
         index_elem = self.fields["indices"].elem if "indices" in self.fields else None
         self.codec = Codec(kind=self.storage.kind, values=header["values"], layout=header["layout"],
                            index_elem=index_elem, width=self.storage.width(header["vocab_size"]),
@@ -270,9 +273,13 @@ class TeacherCache:
     # -- reading ---------------------------------------------------------------
 
     def _shard(self, s: int) -> dict:
-        """``{field: tensor over the whole shard}``, zero-copy on a private map (lazily)."""
+        """``{field: tensor over the whole shard}``, zero-copy on a private map (lazily;
+        the :data:`MAX_MAPPED_SHARDS` most recently used shards stay mapped, since each
+        map holds a file descriptor)."""
         arrays = self._maps.get(s)
-        if arrays is None:
+        if arrays is not None:
+            self._maps.move_to_end(s)
+        else:
             shard = self.shards[s]
             arrays = {}
             for name, f in self.fields.items():
@@ -287,6 +294,8 @@ class TeacherCache:
                     arr = np.memmap(path, mode="c", dtype=elem.numpy, shape=shape)
                 arrays[name] = fmt.torch_view(arr, f.elem)
             self._maps[s] = arrays
+            while len(self._maps) > MAX_MAPPED_SHARDS:
+                self._maps.popitem(last=False)  # views handed out keep their own map alive
         return arrays
 
     def _locate(self, i: int) -> tuple[int, int]:
@@ -351,7 +360,7 @@ class TeacherCache:
 
     def close(self) -> None:
         """Drops the memory maps (views handed out keep theirs alive)."""
-        self._maps = {}
+        self._maps = OrderedDict()
 
     def __getstate__(self) -> dict:
         # pickled for DataLoader workers: each process maps the files itself
@@ -407,7 +416,7 @@ class TeacherCache:
         _check_header(self.path, on_disk)
         problems = self._check_files(hash_files=True)
         if not problems:
-            self._maps = {}
+            self._maps = OrderedDict()
             problems = self._check_contents()
         if problems:
             raise CacheCorruptError(f"teacher cache {self.path} is corrupt: " + "; ".join(problems))
@@ -431,7 +440,7 @@ class TeacherCache:
                 if idx.numel() and int(idx.max()) >= self.vocab_size:
                     problems.append(f"{stem}.indices: a token id is >= the vocabulary size {self.vocab_size}")
                     break
-        self._maps = {}
+        self._maps = OrderedDict()
         return problems
 
     def info(self) -> dict:
