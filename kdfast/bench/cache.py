@@ -61,6 +61,7 @@ class Setup:
     byte_tokens: int
     k: int = 64
     draws: int = 12
+    teacher_dtype: torch.dtype = torch.float32
 
     @property
     def tokens(self) -> int:
@@ -71,6 +72,13 @@ FULL = Setup(vocab=32000, teacher_dim=768, teacher_layers=6, student_dim=256, st
              samples=16, batch=4, repeats=2, byte_vocabs=(32000, 128256), byte_tokens=128)
 QUICK = Setup(vocab=4000, teacher_dim=128, teacher_layers=2, student_dim=64, student_layers=1, seq=32,
               samples=8, batch=4, repeats=1, byte_vocabs=(32000,), byte_tokens=64)
+# on a GPU: a bf16 teacher of 1024 x 12 layers over 128 sequences of 1024 tokens (batches of 16k tokens)
+FULL_GPU = Setup(vocab=32000, teacher_dim=1024, teacher_layers=12, student_dim=512, student_layers=4,
+                 seq=1024, samples=128, batch=16, repeats=3, byte_vocabs=(32000, 128256), byte_tokens=128,
+                 teacher_dtype=torch.bfloat16)
+QUICK_GPU = Setup(vocab=32000, teacher_dim=256, teacher_layers=2, student_dim=128, student_layers=1, seq=256,
+                  samples=16, batch=8, repeats=1, byte_vocabs=(32000,), byte_tokens=64,
+                  teacher_dtype=torch.bfloat16)
 
 
 class BenchLM(nn.Module):
@@ -117,14 +125,22 @@ def token_data(setup: Setup, vocab: int, samples: int | None = None, seed: int =
     return [{"input_ids": row, "labels": torch.roll(row, -1)} for row in ids]
 
 
-def _best(fn, repeats: int) -> float:
-    """Best (least) wall time of ``repeats`` runs of ``fn``, in seconds."""
+def _best(fn, repeats: int, device: str = "cpu") -> float:
+    """Best (least) wall time of ``repeats`` runs of ``fn``, in seconds (the device
+    synchronised before and after each)."""
     times = []
     for _ in range(repeats):
+        harness.synchronize(device)
         t0 = time.perf_counter()
         fn()
+        harness.synchronize(device)
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def _teacher(setup: Setup, device: str) -> BenchLM:
+    dtype = setup.teacher_dtype if device.startswith("cuda") else torch.float32
+    return BenchLM(setup.vocab, setup.teacher_dim, setup.teacher_layers, seed=0).to(device, dtype).eval()
 
 
 def _storages():
@@ -169,23 +185,23 @@ def measure_bytes(setup: Setup, folder: Path, log) -> list:
     return rows
 
 
-def measure_build(setup: Setup, folder: Path, log) -> list:
+def measure_build(setup: Setup, folder: Path, log, device: str = "cpu") -> list:
     """Teacher forward alone vs the cache build, over the same batches."""
     import kdfast
     from kdfast.cache import Sampled, TeacherCache, TopK, teacher_fingerprint
 
-    teacher = BenchLM(setup.vocab, setup.teacher_dim, setup.teacher_layers, seed=0).eval()
+    teacher = _teacher(setup, device)
     items = token_data(setup, setup.vocab)
     loader = torch.utils.data.DataLoader(items, batch_size=setup.batch)
 
     def forward_only():
         with torch.inference_mode():
             for batch in loader:
-                teacher(batch["input_ids"])
+                teacher(batch["input_ids"].to(device, non_blocking=True))
 
-    t_forward = _best(forward_only, setup.repeats)
+    t_forward = _best(forward_only, setup.repeats, device)
     with torch.inference_mode():
-        logits = [teacher(b["input_ids"]) for b in loader]
+        logits = [teacher(b["input_ids"].to(device)) for b in loader]
     t0 = time.perf_counter()
     teacher_fingerprint(teacher)
     t_fingerprint = time.perf_counter() - t0
@@ -198,7 +214,7 @@ def measure_build(setup: Setup, folder: Path, log) -> list:
             kernel = "topk_logits"
         else:
             def op(x, storage=storage):
-                g = torch.Generator().manual_seed(0)
+                g = torch.Generator(device=x.device).manual_seed(0)
                 return kdfast.sample_logits(x, storage.num_samples, temperature=TEMPERATURE, generator=g,
                                             index_dtype=torch.int32)
             kernel = "sample_logits"
@@ -207,7 +223,8 @@ def measure_build(setup: Setup, folder: Path, log) -> list:
             for x in logits:
                 op(x)
 
-        t_op = _best(ops_only, setup.repeats)
+        t_op = _best(ops_only, setup.repeats, device)
+
         def build(storage=storage, name=name):  # the last one is kept: the epoch reads it
             path = folder / f"build-{name}"
             if path.exists():
@@ -215,24 +232,26 @@ def measure_build(setup: Setup, folder: Path, log) -> list:
             TeacherCache.build(path, teacher, loader, storage=storage, temperature=TEMPERATURE,
                                fingerprint="bench-teacher", progress=False)
 
-        t_build = _best(build, setup.repeats)
+        t_build = _best(build, setup.repeats, device)
         overhead = (t_build - t_forward) / t_forward
         rows.append({"storage": name, "tokens": setup.tokens, "forward_s": t_forward, "build_s": t_build,
                      "overhead": overhead, "op_s": t_op, "rest_s": t_build - t_forward - t_op,
                      "writer_overhead": (t_build - t_forward - t_op) / t_forward,
                      "fingerprint_s": t_fingerprint,
-                     "op_impl": "kernel" if kdfast.has_kernel(kernel, "cpu") else "plain-PyTorch reference"})
+                     "op_impl": ("kernel" if kdfast.has_kernel(kernel, device.split(":")[0])
+                                 else "plain-PyTorch reference")})
         log(f"  build: {name}: forward {t_forward:.2f} s, build {t_build:.2f} s ({100 * overhead:+.1f}%), "
             f"op alone {t_op:.2f} s")
+    logits.clear()  # free the logits before the next measurement
     return rows
 
 
-def measure_epoch(setup: Setup, folder: Path, log) -> list:
+def measure_epoch(setup: Setup, folder: Path, log, device: str = "cpu") -> list:
     """One student epoch with the teacher live vs from a top-k cache."""
     import kdfast
     from kdfast.cache import CachedDataset, TeacherCache, TopK
 
-    teacher = BenchLM(setup.vocab, setup.teacher_dim, setup.teacher_layers, seed=0).eval()
+    teacher = _teacher(setup, device)
     items = token_data(setup, setup.vocab)
     loader = torch.utils.data.DataLoader(items, batch_size=setup.batch)
     # the top-k cache of the build measurement (the same teacher and data), else a new one
@@ -241,15 +260,16 @@ def measure_epoch(setup: Setup, folder: Path, log) -> list:
     data = CachedDataset(items, cache)
 
     def student():
-        s = BenchLM(setup.vocab, setup.student_dim, setup.student_layers, seed=1)
+        s = BenchLM(setup.vocab, setup.student_dim, setup.student_layers, seed=1).to(device)
         return s, torch.optim.SGD(s.parameters(), lr=1e-3)
 
     def live():
         s, opt = student()
         for batch in loader:
+            ids = batch["input_ids"].to(device, non_blocking=True)
             with torch.no_grad():
-                t = teacher(batch["input_ids"])
-            out = s(batch["input_ids"])
+                t = teacher(ids)
+            out = s(ids)
             loss = kdfast.kd_loss(out.flatten(0, 1), t.flatten(0, 1), temperature=TEMPERATURE)
             loss.backward()
             opt.step()
@@ -257,8 +277,9 @@ def measure_epoch(setup: Setup, folder: Path, log) -> list:
 
     def from_cache():
         s, opt = student()
-        for x, _, tb in data.loader(batch_size=setup.batch):
-            loss = tb.loss(s(x["input_ids"]), tail="residual")
+        for x, _, tb in data.loader(batch_size=setup.batch, pin_memory=device.startswith("cuda")):
+            tb = tb.to(device, non_blocking=True)
+            loss = tb.loss(s(x["input_ids"].to(device, non_blocking=True)), tail="residual")
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -270,17 +291,19 @@ def measure_epoch(setup: Setup, folder: Path, log) -> list:
     def student_alone():
         s, opt = student()
         for batch in loader:
-            out = s(batch["input_ids"])
+            out = s(batch["input_ids"].to(device, non_blocking=True))
             out.float().logsumexp(-1).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    times = {"live teacher": _best(live, setup.repeats), "from the cache": _best(from_cache, setup.repeats),
-             "cache reads alone": _best(read_only, setup.repeats),
-             "student step alone": _best(student_alone, setup.repeats)}
+    times = {"live teacher": _best(live, setup.repeats, device),
+             "from the cache": _best(from_cache, setup.repeats, device),
+             "cache reads alone": _best(read_only, setup.repeats, device),
+             "student step alone": _best(student_alone, setup.repeats, device)}
     for name, t in times.items():
         log(f"  epoch: {name}: {t:.2f} s")
-    impl = "kernel" if kdfast.has_kernel("sparse_kd_loss_fused", "cpu") else "plain-PyTorch reference"
+    impl = ("kernel" if kdfast.has_kernel("sparse_kd_loss_fused", device.split(":")[0])
+            else "plain-PyTorch reference")
     return [{"mode": name, "tokens": setup.tokens, "seconds": t, "tokens_per_s": setup.tokens / t,
              "speedup": times["live teacher"] / t, "sparse_loss_impl": impl} for name, t in times.items()]
 
@@ -315,7 +338,7 @@ def _table(header: list, rows: list) -> list:
 
 
 def write_report(out: Path, setup: Setup, info: dict, copy_bw: float, byte_rows: list, build_rows: list,
-                 epoch_rows: list, quick: bool) -> list:
+                 epoch_rows: list, quick: bool, device: str = "cpu") -> list:
     """Writes ``cache.csv``, ``cache.md`` and ``machine.json``; returns the targets."""
     from kdfast.bench.common import targets_markdown
 
@@ -334,12 +357,14 @@ def write_report(out: Path, setup: Setup, info: dict, copy_bw: float, byte_rows:
             for key in ("seconds", "tokens_per_s", "speedup"):
                 w.writerow(["epoch", r["mode"], key, f"{r[key]:.6f}"])
     s = setup
-    lines = [f"# teacher cache benchmark on cpu ({harness.machine_tag(info)})", "",
+    teacher_dtype = harness.DTYPE_NAMES[setup.teacher_dtype if device.startswith("cuda") else torch.float32]
+    lines = [f"# teacher cache benchmark on {device} ({harness.machine_tag(info)})", "",
              f"- machine: {harness.describe_machine(info)}",
              f"- date: {info['date']}, git {info['git_commit']}",
              f"- load average before the run: {info.get('loadavg_before')}"]
     lines += [f"- {line}" for line in harness.load_lines(info)]
-    lines += [f"- teacher: causal transformer, d={s.teacher_dim}, {s.teacher_layers} layers, V={s.vocab}; "
+    lines += [f"- teacher: causal transformer, d={s.teacher_dim}, {s.teacher_layers} layers, V={s.vocab}, "
+              f"{teacher_dtype}; "
               f"student: d={s.student_dim}, {s.student_layers} layers; {s.samples} sequences of {s.seq} "
               f"tokens in batches of {s.batch}; T={TEMPERATURE}; times are the best of {s.repeats} runs",
               "- builds write through the page cache with fsync at each shard commit (the default)"]
@@ -402,11 +427,15 @@ def add_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
 def run(args: argparse.Namespace) -> list:
     """Runs the benchmark with the parsed ``args`` (``quick``, ``out``, ``threads``,
     ``quiet`` and the options of :func:`add_arguments`); returns the targets."""
-    if getattr(args, "device", "auto") == "cuda":
-        raise SystemExit("kdfast bench --op cache: runs on the CPU only")
+    from kdfast.bench.common import resolve_device
+
+    device = resolve_device(getattr(args, "device", "auto") or "auto")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    setup = QUICK if args.quick else FULL
+    if device.startswith("cuda"):
+        setup = QUICK_GPU if args.quick else FULL_GPU
+    else:
+        setup = QUICK if args.quick else FULL
     changes = {}
     if getattr(args, "cache_vocab", None):
         changes["vocab"] = args.cache_vocab
@@ -418,11 +447,11 @@ def run(args: argparse.Namespace) -> list:
         setup = replace(setup, **changes)
     quiet = getattr(args, "quiet", False)
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    info = harness.machine_info("cpu")
+    info = harness.machine_info(device)
     out = args.out or Path("kdfast-bench") / harness.machine_tag(info)
     out.mkdir(parents=True, exist_ok=True)
     log(f"kdfast bench cache: {harness.describe_machine(info)} -> {out}")
-    copy_bw = harness.copy_bandwidth("cpu", nbytes=64 * 2**20, budget_s=0.2)
+    copy_bw = harness.copy_bandwidth(device, nbytes=64 * 2**20, budget_s=0.2)
     wait = getattr(args, "wait_quiet", 0.0) or 0.0
     if wait > 0 and not harness.wait_for_quiet(wait, log=log):
         log(f"the machine did not get quiet within {wait:g} s; running anyway")
@@ -436,11 +465,11 @@ def run(args: argparse.Namespace) -> list:
         warnings.filterwarnings("ignore", message="kdfast.*plain-PyTorch reference")
         folder = Path(tmp)
         byte_rows = measure_bytes(setup, folder, log)
-        build_rows = measure_build(setup, folder, log)
-        epoch_rows = measure_epoch(setup, folder, log)
+        build_rows = measure_build(setup, folder, log, device)
+        epoch_rows = measure_epoch(setup, folder, log, device)
     info["cpu_load_during"] = monitor.stop()
     info["loadavg_after"] = list(os.getloadavg())
-    goals = write_report(out, setup, info, copy_bw, byte_rows, build_rows, epoch_rows, args.quick)
+    goals = write_report(out, setup, info, copy_bw, byte_rows, build_rows, epoch_rows, args.quick, device)
     if not quiet:
         print((out / f"{NAME}.md").read_text())
         print(f"wrote {out}/{NAME}.csv, {NAME}.md, machine.json")
