@@ -262,7 +262,9 @@ def test_views_are_zero_copy_and_writes_never_reach_the_file(tmp_path):
     before = open(path, "rb").read()
     a.values.fill_(0)  # a private (copy-on-write) page
     assert open(path, "rb").read() == before
-    cache.verify()
+    assert cache.verify()["other_files"] == []
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    assert cache.verify()["other_files"] == ["notes.txt"]
 
 
 def test_open_from_another_process_state_and_pickle(tmp_path):

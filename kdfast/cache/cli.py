@@ -180,6 +180,8 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     summary = _open(args).verify()
     print(f"ok: {summary['path']}: {summary['files']} files, {summary['bytes']} bytes match their checksums")
+    if summary["other_files"]:
+        print(f"(other files in the folder, not part of the cache: {', '.join(summary['other_files'])})")
     return 0
 
 

@@ -399,7 +399,8 @@ class TeacherCache:
         """Checks the whole cache: the header (checksum and consistency), every file's size
         and sha256, the row offsets, and that stored token ids are below the vocabulary
         size. Raises :class:`CacheCorruptError` naming every bad file; returns a summary
-        (files, bytes) when all is well.
+        when all is well: files and bytes checked, and ``other_files`` in the folder that
+        are not part of the cache (ignored).
 
         Example::
 
@@ -422,7 +423,9 @@ class TeacherCache:
             raise CacheCorruptError(f"teacher cache {self.path} is corrupt: " + "; ".join(problems))
         files = sum(1 for _ in self._files()) + 1
         total = sum(e for *_, e in self._files()) + os.path.getsize(header_path)
-        return {"path": self.path, "ok": True, "files": files, "bytes": total}
+        known = {os.path.basename(p) for p, *_ in self._files()} | {fmt.HEADER_FILE}
+        extra = sorted(n for n in os.listdir(self.path) if n not in known)
+        return {"path": self.path, "ok": True, "files": files, "bytes": total, "other_files": extra}
 
     def _check_contents(self) -> list:
         problems = []
