@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.* csrc/cpu/*.* csr
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
-	$(PIP) install --quiet numpy pytest pytest-benchmark matplotlib ninja "setuptools>=64" wheel
+	$(PIP) install --quiet numpy tqdm pytest pytest-benchmark matplotlib ninja "setuptools>=64" wheel
 	MAX_JOBS=$(JOBS) $(PIP) install --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -50,3 +50,12 @@ __all__ = [
     "sparse_kd_loss",
     "topk_logits",
 ]
+
+
+def __getattr__(name: str):
+    # kdfast.cache is imported on first use: `import kdfast` stays light
+    if name == "cache":
+        import importlib
+
+        return importlib.import_module("kdfast.cache")
+    raise AttributeError(f"module 'kdfast' has no attribute {name!r}")

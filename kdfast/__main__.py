@@ -1,4 +1,4 @@
-"""Command line of kdfast: ``python -m kdfast {demo,bench,info}`` (console script ``kdfast``).
+"""Command line of kdfast: ``python -m kdfast {demo,bench,info,cache}`` (console script ``kdfast``).
 
 Examples::
 
@@ -8,6 +8,8 @@ Examples::
     python -m kdfast bench --out results/cpu   # full kd_loss benchmark on this machine
     python -m kdfast bench --op dkd --quick    # another op: feature_loss, attention_transfer, dkd
     python -m kdfast bench --op all            # every op, one folder
+    python -m kdfast bench --op cache --quick  # the teacher cache: bytes/token, build, student epoch
+    python -m kdfast cache info out/cache      # a teacher cache (also: cache build, cache verify)
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ def _bench(args: argparse.Namespace) -> int:
     from kdfast.bench import common
 
     benches = bench.load_all()
-    common.run(common.selected_benches(args, benches), args, known=benches)
+    selected = common.selected_benches(args, benches)
+    if selected:
+        common.run(selected, args, known=benches)
+    if any(name in (args.op or []) for name in ("cache", "all")):
+        from kdfast.bench import cache
+
+        cache.run(args)
     return 0
 
 
@@ -60,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdfast", description="kdfast: fused knowledge-distillation losses for PyTorch.",
         epilog="Run `kdfast <command> --help` for a command's options.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info,cache}")
 
     demo = sub.add_parser(
         "demo", help="check kd_loss against the reference, distil a small model, print a quick benchmark",
@@ -74,12 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"bandwidth, the loss checked against a reference. --op picks the op(s) (default "
         f"{benches[0].name}); each op's shapes and options are listed below. Writes <op>.csv, <op>.md "
         "(table, notes, targets) and <op>.png per op, and machine.json, into --out.")
-    common.add_arguments(bench, benches, select=True)
+    common.add_arguments(bench, benches, select=True, separate=benchmarks.SEPARATE)
+    from kdfast.bench import cache as cache_bench
+
+    cache_bench.add_arguments(bench.add_argument_group("--op cache", cache_bench.SUMMARY))
     bench.set_defaults(func=_bench)
 
     info = sub.add_parser("info", help="print kdfast.build_info() and the torch / device setup")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
+
+    from kdfast.cache import cli as cache_cli
+
+    cache_cli.add_parser(sub)
     return parser
 
 

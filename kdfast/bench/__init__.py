@@ -5,7 +5,8 @@
 ``common`` the driver (command line, run, loss check, targets); one module per op
 its cases, providers and targets: ``kd_loss``, ``feature_loss``,
 ``attention_transfer``, ``dkd`` (the names of :data:`BENCHMARKS`, also the values
-of ``kdfast bench --op``). Run ``python -m kdfast bench --help``.
+of ``kdfast bench --op``); ``cache`` benchmarks the teacher cache with its own runner
+(:data:`SEPARATE`). Run ``python -m kdfast bench --help``.
 
 Importing this package imports neither matplotlib nor the benchmarked libraries.
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 import importlib
 
 BENCHMARKS = ("kd_loss", "feature_loss", "attention_transfer", "dkd")
+# benchmarks with their own runner, not a grid of loss providers: kdfast.bench.<name>.run(args)
+SEPARATE = ("cache",)
 
 
 def load(name: str):

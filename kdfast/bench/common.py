@@ -343,18 +343,20 @@ def _union(lists) -> list:
     return list(dict.fromkeys(x for xs in lists for x in xs))
 
 
-def add_arguments(p: argparse.ArgumentParser, benches: Sequence[OpBench], *, select: bool = False) -> None:
+def add_arguments(p: argparse.ArgumentParser, benches: Sequence[OpBench], *, select: bool = False,
+                  separate: Sequence[str] = ()) -> None:
     """The options of a benchmark command over ``benches``.
 
     One op (``select=False``): its options next to the common ones, as
     ``python -m kdfast.bench.<op>`` and ``benchmarks/bench_<op>.py`` have them. With
     ``select=True`` (``kdfast bench``): ``--op`` picks among ``benches`` (the first is
-    the default), ``--shapes`` / ``--providers`` take any op's names (each op runs
-    those it has), and each op's options form their own group in ``--help``.
+    the default) and the ``separate`` benchmarks (their own runners, e.g. ``cache``),
+    ``--shapes`` / ``--providers`` take any op's names (each op runs those it has), and
+    each op's options form their own group in ``--help``.
     """
     single = len(benches) == 1 and not select
     if select:
-        names = [b.name for b in benches]
+        names = [b.name for b in benches] + list(separate)
         p.add_argument("--op", type=csv_list([*names, "all"]), default=[benches[0].name],
                        metavar="OP[,OP...]",
                        help=f"which benchmark(s): {', '.join(names)}, or all (default {names[0]}); "
