@@ -52,9 +52,8 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from kdfast.cache import CachedDataset, Sampled, TeacherCache, TopK  # noqa: E402
-
 import kdfast  # noqa: E402
+from kdfast.cache import CachedDataset, Sampled, TeacherCache, TopK  # noqa: E402
 
 # --------------------------------------------------------------------------- configuration
 
