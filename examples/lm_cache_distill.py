@@ -77,20 +77,21 @@ class Config:
     batch_size: int = 16
     teacher_steps: int = 500
     teacher_lr: float = 2e-3
-    student_steps: int = 200
+    student_steps: int = 150
     student_lr: float = 3e-3
-    student_seqs: int = 1600             # the distillation set (the caches cover it); 2 epochs
+    student_seqs: int = 1200             # the distillation set (the caches cover it): 2 epochs
     eval_seqs: int = 256                 # held-out sequences scored
     temperature: float = 1.0             # the same for every KD variant
     alpha: float = 0.0                   # weight of the hard-label CE term, the same for every KD variant
     sample_draws: int = 12
     topk: tuple[int, ...] = (12, 64)
+    seeds: int = 3                       # ce, dense_kd and the sampled cache: students of this many seeds
     seed: int = 0
 
 
 QUICK = Config(vocab_size=2048, seq_len=64, max_docs=80, teacher=ModelConfig(64, 1, 2, 128),
                student=ModelConfig(32, 1, 2, 64), batch_size=8, teacher_steps=120, teacher_lr=3e-3,
-               student_steps=50, student_seqs=200, eval_seqs=48, topk=(12,))
+               student_steps=50, student_seqs=200, eval_seqs=48, topk=(12,), seeds=1)
 
 TEACHER_KEYS = ("vocab_size", "seq_len", "max_docs", "heldout_every", "teacher", "batch_size",
                 "teacher_steps", "teacher_lr", "seed")
@@ -299,16 +300,17 @@ def evaluate(model: nn.Module, teacher: nn.Module | None, seqs: torch.Tensor, ba
 
 
 def build_teacher_cache(storage: Sampled | TopK, teacher: nn.Module, seqs: torch.Tensor, cfg: Config,
-                        folder: Path) -> tuple[CachedDataset, dict, float]:
+                        folder: Path, seed: int) -> tuple[CachedDataset, dict, float]:
     """Runs the teacher once over the distillation set and writes its ``storage`` to
-    ``folder`` (a ``kdfast.cache``, rebuilt from scratch); returns the dataset that pairs
-    each sequence with its cached teacher rows, the cache's ``info()`` and the build's seconds.
+    ``folder`` (a ``kdfast.cache``, rebuilt from scratch; ``seed`` seeds sampled draws);
+    returns the dataset that pairs each sequence with its cached teacher rows, the cache's
+    ``info()`` and the build's seconds.
     """
     data = torch.utils.data.TensorDataset(seqs[:, :-1], seqs[:, 1:])  # item i: (inputs, targets)
     shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
     TeacherCache.build(folder, teacher, data, storage=storage, temperature=cfg.temperature,
-                       batch_size=cfg.batch_size, seed=cfg.seed, vocab_size=teacher.embed.num_embeddings,
+                       batch_size=cfg.batch_size, seed=seed, vocab_size=teacher.embed.num_embeddings,
                        progress=False)
     seconds = time.perf_counter() - start
     cache = TeacherCache.open(folder, teacher=teacher, temperature=cfg.temperature, storage=storage)
@@ -413,7 +415,6 @@ def run(cfg: Config, out: Path, corpus_root: Path, reuse_teacher: bool = False) 
     # ---- the distillation set (a fixed subset of the training sequences) and its caches
     pick = torch.randperm(train_seqs.shape[0], generator=torch.Generator().manual_seed(cfg.seed + 2))
     distill_seqs = train_seqs[pick[: cfg.student_seqs]]
-    order = batch_order(distill_seqs.shape[0], cfg.batch_size, cfg.student_steps, cfg.seed + 3)
     T, alpha = cfg.temperature, cfg.alpha
 
     def dense_loss(ids, inputs, targets, logits):
@@ -421,42 +422,49 @@ def run(cfg: Config, out: Path, corpus_root: Path, reuse_teacher: bool = False) 
             teacher_logits = teacher(inputs)
         return kdfast.kd_loss(logits, teacher_logits, targets, temperature=T, alpha=alpha)
 
-    variants = [
-        {"name": "ce", "signal": "true next token only", "bytes_per_token": 0, "loss": ce_loss},
-        {"name": "dense_kd", "signal": "live teacher forward every step, fp32 logits (kd_loss)",
-         "bytes_per_token": 4 * vocab, "loss": dense_loss},
-    ]
-    caches = [(f"sampled{cfg.sample_draws}", Sampled(cfg.sample_draws), "renormalize",
-               f"cache: {cfg.sample_draws} draws/token (sample_logits), values=probs")]
+    sampled = f"sampled{cfg.sample_draws}"
+    specs = {"ce": ("true next token only", None, None),
+             "dense_kd": ("live teacher forward every step, fp32 logits (kd_loss)", None, None),
+             sampled: (f"cache: {cfg.sample_draws} draws/token (sample_logits), values=probs",
+                       Sampled(cfg.sample_draws), "renormalize")}
     for k in cfg.topk:
         for tail, short in (("renormalize", "renorm"), ("residual", "residual")):
-            caches.append((f"top{k}_{short}", TopK(k), tail,
-                           f"cache: top-{k} logprobs (topk_logits), tail={tail}"))
-    built: dict = {}
+            specs[f"top{k}_{short}"] = (f"cache: top-{k} logprobs (topk_logits), tail={tail}", TopK(k), tail)
+    caches: dict = {}
     cache_info: dict = {}
-    for name, storage, tail, desc in caches:
-        cache_name = name.split("_")[0]
-        if cache_name not in built:
-            cached, info, seconds = build_teacher_cache(storage, teacher, distill_seqs, cfg,
-                                                        work / "cache" / cache_name)
-            built[cache_name] = cached
-            cache_info[cache_name] = {"storage": info["storage"], "bytes": info["bytes"],
-                                      "bytes_per_token": info["bytes_per_token"], "build_seconds": seconds}
-            log(f"cache {cache_name}: {info['bytes_per_token']:.2f} B/token, built in {seconds:.1f} s")
-        variants.append({"name": name, "signal": desc, "cache": cache_name,
-                         "bytes_per_token": cache_info[cache_name]["bytes_per_token"],
-                         "loss": cached_loss(built[cache_name], tail, alpha)})
 
-    # ---- students: same initialisation, data order, steps and optimiser
-    rows = []
-    for v in variants:
-        torch.manual_seed(cfg.seed + 4)
+    def student_row(name: str, rep: int) -> dict:
+        """Trains and scores one student; ``rep`` > 0: another student initialisation, batch
+        order and (sampled cache) set of draws."""
+        signal, storage, tail = specs[name]
+        row: dict = {"name": name, "signal": signal, "rep": rep}
+        if storage is None:
+            loss_fn = ce_loss if name == "ce" else dense_loss
+            row["bytes_per_token"] = 0 if name == "ce" else 4 * vocab
+        else:
+            cache_name = name.split("_")[0] + (f"_rep{rep}" if isinstance(storage, Sampled) and rep else "")
+            if cache_name not in caches:
+                caches[cache_name], info, seconds = build_teacher_cache(
+                    storage, teacher, distill_seqs, cfg, work / "cache" / cache_name, seed=cfg.seed + rep)
+                cache_info[cache_name] = {"storage": info["storage"], "bytes": info["bytes"],
+                                          "bytes_per_token": info["bytes_per_token"],
+                                          "build_seconds": seconds}
+                log(f"cache {cache_name}: {info['bytes_per_token']:.2f} B/token, built in {seconds:.1f} s")
+            loss_fn = cached_loss(caches[cache_name], tail, alpha)
+            row.update(cache=cache_name, bytes_per_token=cache_info[cache_name]["bytes_per_token"])
+        torch.manual_seed(cfg.seed + 4 + 1000 * rep)
         student = TinyLM(cfg.student, vocab, cfg.seq_len)
-        seconds = train(student, distill_seqs, order, cfg.student_lr, v["loss"])
+        order = batch_order(distill_seqs.shape[0], cfg.batch_size, cfg.student_steps,
+                            cfg.seed + 3 + 1000 * rep)
+        seconds = train(student, distill_seqs, order, cfg.student_lr, loss_fn)
         metrics = evaluate(student, teacher, held_seqs, cfg.batch_size, topk=cfg.topk)
-        rows.append({**{k: x for k, x in v.items() if k != "loss"}, **metrics, "train_seconds": seconds})
-        log(f"student {v['name']:15s} ppl {metrics['heldout_ppl']:8.2f}  "
+        log(f"student {name:15s} {f'(rep {rep}) ' if rep else ''}ppl {metrics['heldout_ppl']:8.2f}  "
             f"KL {metrics['kl_teacher_student']:.4f}  {seconds:.0f} s")
+        return {**row, **metrics, "train_seconds": seconds}
+
+    # ---- students: same initialisation, batches, steps and optimiser; then the repeats
+    rows = [student_row(name, 0) for name in specs]
+    repeats = [student_row(name, rep) for rep in range(1, cfg.seeds) for name in ("ce", "dense_kd", sampled)]
 
     result = {
         "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -474,6 +482,8 @@ def run(cfg: Config, out: Path, corpus_root: Path, reuse_teacher: bool = False) 
         "student_tokens_seen": cfg.student_steps * cfg.batch_size * cfg.seq_len,
         "caches": cache_info,
         "students": rows,
+        "repeats": repeats,
+        "spread": spread(rows + repeats),
         "machine": {**machine_info(), "loadavg_before": loadavg_before},
         "total_seconds": time.perf_counter() - t_start,
     }
@@ -481,6 +491,20 @@ def run(cfg: Config, out: Path, corpus_root: Path, reuse_teacher: bool = False) 
     (out / "results.md").write_text(render_markdown(result))
     log(f"done in {result['total_seconds']:.0f} s: {out / 'results.md'}")
     return result
+
+
+def spread(rows: list[dict]) -> dict:
+    """Mean and sample standard deviation of perplexity and KL per variant over its seeds."""
+    out: dict = {}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = [r for r in rows if r["name"] == name]
+        out[name] = {"n": len(mine)}
+        for key in ("heldout_ppl", "kl_teacher_student"):
+            vals = [r[key] for r in mine]
+            mean = sum(vals) / len(vals)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            out[name][key] = {"mean": mean, "sd": sd, "values": vals}
+    return out
 
 
 def compare(rows: dict, a: str, b: str) -> str:
@@ -543,6 +567,28 @@ def render_markdown(r: dict) -> str:
     pairs = [(sampled, "dense_kd"), (sampled, "ce"), ("dense_kd", "ce")]
     pairs += [(f"top{k}_{tail}", "dense_kd") for k in cfg["topk"] for tail in ("renorm", "residual")]
     lines += [compare(rows, a, b) for a, b in pairs]
+    if r["repeats"]:
+        n = cfg["seeds"]
+        lines += ["", f"Over {n} seeds (student initialisation, batch order and, for `{sampled}`, the "
+                  "cache's draws; seed 0 is the table above):", "",
+                  "| variant | held-out ppl per seed | mean ± sd | KL per seed | mean ± sd |",
+                  "| --- | --- | ---: | --- | ---: |"]
+        for name, st in r["spread"].items():
+            if st["n"] < 2:
+                continue
+            ppl, kl = st["heldout_ppl"], st["kl_teacher_student"]
+            ppls = ", ".join(f"{v:.2f}" for v in ppl["values"])
+            kls = ", ".join(f"{v:.4f}" for v in kl["values"])
+            lines.append(f"| {name} | {ppls} | {ppl['mean']:.2f} ± {ppl['sd']:.2f} | {kls} | "
+                         f"{kl['mean']:.4f} ± {kl['sd']:.4f} |")
+        by_rep = {(row["name"], row["rep"]): row for row in r["students"] + r["repeats"]}
+        for other in ("dense_kd", "ce"):
+            d_ppl = [by_rep[sampled, i]["heldout_ppl"] - by_rep[other, i]["heldout_ppl"] for i in range(n)]
+            d_kl = [by_rep[sampled, i]["kl_teacher_student"] - by_rep[other, i]["kl_teacher_student"]
+                    for i in range(n)]
+            lines += ["", f"`{sampled}` minus `{other}`, seed by seed: perplexity "
+                      + ", ".join(f"{d:+.2f}" for d in d_ppl) + "; KL " + ", ".join(f"{d:+.4f}" for d in d_kl)
+                      + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -554,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the standard library to read (default: this interpreter's)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="weight of the hard-label CE term in every KD variant (default 0)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="students of ce, dense_kd and the sampled cache with this many seeds "
+                             "(default: 3, or 1 with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--reuse-teacher", action="store_true",
                         help="load <out>/work/teacher.pt when it was trained with the same settings")
@@ -562,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(QUICK if args.quick else Config())
     if args.alpha is not None:
         cfg.alpha = args.alpha
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
     run(cfg, args.out, args.corpus_root, args.reuse_teacher)
     return 0
 

@@ -19,7 +19,7 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 @pytest.mark.skipif(not (STDLIB / "argparse.py").is_file(),
                     reason=f"the standard library sources (the corpus) are not under {STDLIB}")
 def test_quick_run(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--seeds", "2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "results.json").read_text())
@@ -41,4 +41,13 @@ def test_quick_run(tmp_path):
     assert result["teacher"]["heldout_ppl"] < rows["ce"]["heldout_ppl"]
     assert rows["dense_kd"]["kl_teacher_student"] < rows["ce"]["kl_teacher_student"]
     assert rows["sampled12"]["kl_teacher_student"] < rows["ce"]["kl_teacher_student"]
-    assert (ROOT / "examples").is_dir() and (tmp_path / "work" / "teacher.pt").is_file()
+    # The second seed: the same three variants again, summarised per variant.
+    assert sorted(row["name"] for row in result["repeats"]) == ["ce", "dense_kd", "sampled12"]
+    assert all(row["rep"] == 1 for row in result["repeats"])
+    for name in ("ce", "dense_kd", "sampled12"):
+        spread = result["spread"][name]["heldout_ppl"]
+        assert result["spread"][name]["n"] == 2 and math.isfinite(spread["sd"])
+        assert min(spread["values"]) <= spread["mean"] <= max(spread["values"])
+    assert "Over 2 seeds" in table
+    assert (tmp_path / "work" / "teacher.pt").is_file()
+    assert (tmp_path / "work" / "cache" / "sampled12" / "header.json").is_file()
