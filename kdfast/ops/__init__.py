@@ -9,3 +9,4 @@ from kdfast._extension import has_extension
 
 if has_extension():
     from kdfast.ops import attention_transfer, dkd, feature_loss, kd_loss  # noqa: F401
+    from kdfast.ops import topk_sample  # noqa: F401
