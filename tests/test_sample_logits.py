@@ -119,7 +119,8 @@ def test_a_biased_sampler_is_caught(device):
     biased = probs.clone()
     biased[top] *= 1.3
     biased /= biased.sum()
-    draws = torch.multinomial(biased.float(), 48000, replacement=True, generator=torch.Generator().manual_seed(0))
+    draws = torch.multinomial(biased.float(), 48000, replacement=True,
+                              generator=torch.Generator().manual_seed(0))
     assert chi2_statistic(torch.bincount(draws, minlength=60).double(), probs)[0] > limit
 
 
@@ -169,8 +170,10 @@ def test_degenerate_rows(device, dtype):
 
 
 def test_temperature_sharpens_and_flattens(device):
-    x = logits((1, 100), torch.float32, device, seed=7).repeat(500, 1)
+    x = logits((1, 100), torch.float32, device, seed=7)
     top = int(x[0].argmax())
+    x[0, top] += 1.0  # a gap of at least 1 to the next: exp(-20) of the top's mass at T = 0.05
+    x = x.repeat(500, 1)
     cold = kdfast.sample_logits(x, 12, temperature=0.05, generator=gen_for(device))
     assert (cold[0][:, 0] == top).all() and (cold[1][:, 0] == 1).all()
     hot_i, _ = kdfast.sample_logits(x, 12, temperature=100.0, generator=gen_for(device))

@@ -146,7 +146,8 @@ def teacher_probs(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 def run_isa_cases() -> None:
     gen = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        for shape, k in (((3, 1), 1), ((4, 7), 7), ((2, 37), 5), ((3, 300), 17), ((2, 4099), 64), ((1, 20000), 300)):
+        for shape, k in (((3, 1), 1), ((4, 7), 7), ((2, 37), 5), ((3, 300), 17), ((2, 4099), 64),
+                         ((1, 20000), 300)):
             x = (3 * torch.randn(shape, generator=gen)).to(dtype)
             x[0, min(5, shape[-1] - 1)] = -INF
             check_topk(x, k, temperature=(1.0, 0.7, 2.0)[k % 3])

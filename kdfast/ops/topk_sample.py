@@ -58,7 +58,7 @@ def topk_logits_backward(grad_logprobs: torch.Tensor, logits: torch.Tensor, indi
 
 
 def _topk_setup_context(ctx, inputs, output):
-    logits, k, temperature, index_dtype = inputs
+    logits, _k, temperature, _index_dtype = inputs
     indices, logprobs = output
     ctx.mark_non_differentiable(indices)
     ctx.temperature = temperature
