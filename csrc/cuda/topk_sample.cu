@@ -245,8 +245,9 @@ __global__ void __launch_bounds__(kMaxThreads) topk_logits_kernel(const TopkPara
     kmax = block_max_key(kmax, smem_keys);  // its barriers also complete the histogram
     select_bin(hist, st, LowZeroBits<T>::value, &shared_state);
 
-    // 2. the next digits, until the k-th key's bin is decided.
-    while (!st.done) {
+    // 2. the next digits, until the k-th key's bin is decided (shift >= 8 always holds
+    //    there; the bound only guards against a broken invariant looping forever).
+    while (!st.done && st.shift >= 8) {
       st.shift -= 8;
       for (int b = threadIdx.x; b < kRadixBins; b += blockDim.x) hist[b] = 0;
       __syncthreads();
