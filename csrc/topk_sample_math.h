@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common_math.h"
 
@@ -51,9 +52,22 @@ using key_t = typename KeyOf<acc_t>::type;
 template <typename To, typename From>
 KDFAST_MATH_FN To bit_cast_value(From v) {
   static_assert(sizeof(To) == sizeof(From), "bit_cast_value: sizes differ");
+#if defined(__CUDA_ARCH__)
+  // register moves (a memcpy can cost a stack frame in device code)
+  if constexpr (std::is_same_v<From, float>) {
+    return __float_as_uint(v);
+  } else if constexpr (std::is_same_v<To, float>) {
+    return __uint_as_float(v);
+  } else if constexpr (std::is_same_v<From, double>) {
+    return static_cast<To>(__double_as_longlong(v));
+  } else {
+    return __longlong_as_double(static_cast<long long>(v));
+  }
+#else
   To out;
   memcpy(&out, &v, sizeof(To));
   return out;
+#endif
 }
 
 // The key of x: unsigned, larger for a value that ranks first. All NaNs share the largest

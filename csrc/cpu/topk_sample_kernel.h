@@ -225,7 +225,7 @@ struct SampleRows {
   const acc_t inv_temp;
   const uint64_t seed;
   std::vector<double> block_weight;  // per block of the row: the sum of its integer weights
-  std::vector<double> weights;       // the weights of one block, element by element
+  std::vector<double> weights;       // the weights of one vector, element by element
   std::vector<uint64_t> targets;
 
   explicit SampleRows(const SampleParams& params)
@@ -233,13 +233,13 @@ struct SampleRows {
         inv_temp(static_cast<acc_t>(1.0 / params.temperature)),
         seed(static_cast<uint64_t>(*params.seed)),
         block_weight((params.vocab + kRowBlock - 1) / kRowBlock),
-        weights(kRowBlock + W),
+        weights(W),
         targets(params.num_samples) {}
 
   // The integer weights of the vector at x (n <= W elements, -inf padded: weight 0),
   // accumulated into acc (every lane sum stays an exact integer below 2^53) and, when out
-  // is set, stored element by element. The pass and the walk both call this on the same
-  // vectors, so they see the same weights.
+  // is set, stored element by element. The weight pass and the walk both call this on the
+  // same vectors, so they see the same weights.
   void vector_weights(const T* x, int64_t n, const Vec& vmax, DVec& acc, double* out) const {
     const Vec e = Ops::exp((load_n<T, acc_t>(x, n) - vmax) * Vec(inv_temp));
     alignas(64) double d[W];
@@ -302,34 +302,39 @@ struct SampleRows {
         if (j + 1 < draws) targets[j + 1] = ts::draw_target(c, total_u);
       }
       std::sort(targets.begin(), targets.end());
-      // The walk: block i covers [before, before + block_weight[i]) of [0, total); token t
-      // covers [W_t, W_t + w_t). Every bound is an exact integer, so each target lands in
-      // exactly one token of positive weight.
+      // The walk: block i covers [before, before + block_weight[i]) of [0, total), a vector
+      // of it the sum of its weights, token t [W_t, W_t + w_t). Every bound is an exact
+      // integer, so each target lands in exactly one token of positive weight. Only the
+      // vectors up to the last target of a block are recomputed.
       int64_t next_target = 0, token = -1, count = 0;
       double before = 0;
       for (int64_t b = 0, i = 0; b < vocab && next_target < draws; b += kRowBlock, ++i) {
         const double after = before + block_weight[i];
-        if (static_cast<double>(targets[next_target]) >= after) {
-          before = after;
-          continue;
-        }
-        const int64_t n = std::min(kRowBlock, vocab - b);
-        DVec unused(0.0);
-        for (int64_t j = 0; j < n; j += W) vector_weights(x + b + j, std::min(W, n - j), vmax, unused, &weights[j]);
         double c = before;
-        for (int64_t j = 0; j < n && next_target < draws; ++j) {
-          c += weights[j];
-          while (next_target < draws && static_cast<double>(targets[next_target]) < c) {
-            if (b + j != token) {
-              if (count > 0) emit(token, count);
-              token = b + j;
-              count = 0;
+        before = after;
+        for (int64_t j = b; j < std::min(vocab, b + kRowBlock); j += W) {
+          if (next_target == draws || static_cast<double>(targets[next_target]) >= after) break;
+          const int64_t n = std::min(W, vocab - j);
+          DVec acc(0.0);
+          vector_weights(x + j, n, vmax, acc, weights.data());
+          const double vector_end = c + hsum(acc);
+          if (static_cast<double>(targets[next_target]) >= vector_end) {
+            c = vector_end;
+            continue;
+          }
+          for (int64_t l = 0; l < n; ++l) {
+            c += weights[l];
+            while (next_target < draws && static_cast<double>(targets[next_target]) < c) {
+              if (j + l != token) {
+                if (count > 0) emit(token, count);
+                token = j + l;
+                count = 0;
+              }
+              ++count;
+              ++next_target;
             }
-            ++count;
-            ++next_target;
           }
         }
-        before = after;
       }
       TORCH_INTERNAL_ASSERT(next_target == draws, "sample_logits: a draw fell outside the row's weights");
       emit(token, count);
