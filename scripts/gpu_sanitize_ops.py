@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Small calls of ``dkd_loss``, ``feature_loss`` and ``attention_transfer_loss`` that walk
-the code paths of their kernels, for compute-sanitizer (``gpu_sanitize_cases.py`` does the
-same for ``kd_loss``)::
+"""Small calls of ``dkd_loss``, ``feature_loss``, ``attention_transfer_loss``, ``topk_logits``
+and ``sample_logits`` that walk the code paths of their kernels, for compute-sanitizer
+(``gpu_sanitize_cases.py`` does the same for ``kd_loss``)::
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/gpu_sanitize_ops.py -v
     python3 scripts/gpu_sanitize_ops.py --device cpu        # the same cases on the CPU kernels
@@ -12,9 +12,15 @@ storage offset, transposed leading dimensions, channels_last feature maps), ever
 option of each op (kinds, normalize, masks with some / no selected rows, reductions,
 ignored labels, p), forward only and forward + backward (student; grad_output != 1;
 student and teacher; teacher only; a second backward with ``retain_graph=True``).
+``topk_logits`` and ``sample_logits`` (one input: every dtype) add k from 1 to V = 4099
+(the largest k, 4096, in float64: the CUDA kernel's opt-in shared memory), rows of ties,
+rows without a distribution (all -inf, NaN, +inf), int32 / int64 indices, num_samples up to
+4096, and rows long enough for several sampling tiles per warp (V = 140000).
 
 Every case is checked against a float64 plain-PyTorch formula on the CPU, written here
-from the definitions (loss, gradients, zero gradients outside the views), so a kernel
+from the definitions (loss, gradients, zero gradients outside the views; the top k's
+indices and log-probabilities; the samples' structure and, off the CPU, the CPU kernel's
+draws for the same seed), so a kernel
 that reads the wrong memory without faulting still shows up. Exit status: 0 when every
 case passes, 1 when one fails (each is listed), 2 when kdfast has no kernels for the
 device.
@@ -45,7 +51,20 @@ PAIRS = [(s, t) for s in ("fp32", "fp16", "bf16") for t in ("fp32", "fp16", "bf1
 WIDTHS = (1, 7, 8, 9, 33, 1025, 4099)
 GRAD_MODES = ("bwd", "bwd_scaled", "teacher", "teacher_only", "retain")
 MODES = ("fwd", *GRAD_MODES)
-OPS = {"dkd": "dkd_loss_fused", "feature": "feature_loss_fused", "attention": "attention_transfer_fused"}
+OPS = {"dkd": "dkd_loss_fused", "feature": "feature_loss_fused", "attention": "attention_transfer_fused",
+       "topk": "topk_logits", "sample": "sample_logits"}
+# The one-input ops run each dtype with itself, and only the modes they have.
+SAME_DTYPE = [(d, d) for d in DTYPES]
+OP_MODES = {"topk": ("fwd", "bwd", "bwd_scaled", "retain"), "sample": ("fwd",)}
+OP_PAIRS = {"topk": SAME_DTYPE, "sample": SAME_DTYPE}
+
+
+def modes_of(op: str) -> tuple:
+    return OP_MODES.get(op, MODES)
+
+
+def pairs_of(op: str) -> list:
+    return OP_PAIRS.get(op, PAIRS)
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +171,7 @@ def make_cases() -> list:
                           MODES[i % len(MODES)],
                           ("contiguous", "channels_last", "rows_offset")[i % 3],
                           (("p", (2.0, 1.0, 3.0, 2.5)[i % 4]),), teacher_channels=(0, 5)[i % 2]))
-    return cases
+    return cases + make_topk_sample_cases()
 
 
 def _view(layout: str, shape: tuple) -> tuple:
@@ -180,6 +199,8 @@ TOL = {"fp64": 1e-9, "fp32": 2e-4, "fp16": 4e-3, "bf16": 2e-2}
 
 
 def run_case(case: Case, device: str, seed: int) -> list:
+    if case.op in ("topk", "sample"):
+        return run_topk_sample_case(case, device, seed)
     gen = torch.Generator().manual_seed(seed)
     opts = dict(case.options)
     extra = dict(case.extra)
@@ -270,6 +291,165 @@ def run_case(case: Case, device: str, seed: int) -> list:
             problems.append(f"{name}: gradient written outside the view")
         if (why := _close(view_of(grad), backwards * ref_leaf.grad, TOL[getattr(case, name)])) is not None:
             problems.append(f"{name} gradient: {why}")
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# topk_logits and sample_logits
+# ---------------------------------------------------------------------------
+
+INF = float("inf")
+
+
+def make_topk_sample_cases() -> list:
+    cases = []
+    leads = ((3,), (1,), (2, 3), (5,))
+    for i, ((d, _), width) in enumerate(itertools.product(SAME_DTYPE, WIDTHS)):
+        lead = leads[i % len(leads)]
+        layout = ("transposed" if len(lead) == 2 and i % 2
+                  else ("contiguous", "rows_offset", "element_offset")[i % 3])
+        rows = ("normal", "ties", "degenerate")[i % 3]
+        k = (1, min(5, width), min(width, 4096), min(64, width))[i % 4]
+        index = ("int64", "int32")[i % 2]
+        temperature = (1.0, 0.5, 3.0)[i % 3]
+        mode = OP_MODES["topk"][i % 4] if rows != "degenerate" else "fwd"
+        cases.append(Case("topk", (*lead, width), d, d, mode, layout,
+                          (("k", k), ("temperature", temperature), ("index_dtype", index)),
+                          extra=(("rows", rows),)))
+        draws = (12, 1, 64, 4096)[i % 4]
+        cases.append(Case("sample", (*lead, width), d, d, "fwd", layout,
+                          (("num_samples", draws), ("temperature", temperature), ("index_dtype", index)),
+                          extra=(("rows", rows),)))
+    # the largest k (float64 on CUDA: more than 48 KB of shared memory), long rows (many
+    # radix passes' worth of data, several sampling tiles per warp)
+    cases.append(Case("topk", (2, 4099), "fp64", "fp64", "bwd", "contiguous",
+                      (("k", 4096), ("temperature", 1.0), ("index_dtype", "int64")),
+                      extra=(("rows", "normal"),)))
+    cases.append(Case("topk", (2, 140000), "fp32", "fp32", "fwd", "rows_offset",
+                      (("k", 300), ("temperature", 2.0), ("index_dtype", "int32")),
+                      extra=(("rows", "ties"),)))
+    cases.append(Case("sample", (2, 140000), "bf16", "bf16", "fwd", "contiguous",
+                      (("num_samples", 4096), ("temperature", 1.0), ("index_dtype", "int64")),
+                      extra=(("rows", "normal"),)))
+    return cases
+
+
+def _topk_sample_input(case: Case, gen: torch.Generator) -> tuple:
+    """(base tensor, base -> the view the op sees); rows filled as case.extra says."""
+    base_shape, view_of, _ = _view(case.layout, case.shape)
+    base = 2 * torch.randn(base_shape, generator=gen, dtype=torch.float64)
+    rows = dict(case.extra)["rows"]
+    if rows == "ties":
+        base = base.round()
+    base = base.to(DTYPES[case.student])
+    if rows == "degenerate":  # every other row: all -inf, or one NaN / +inf / -inf
+        view = view_of(base)
+        specials = (float("nan"), INF, -INF)
+        for r, lead in enumerate(itertools.product(*map(range, case.shape[:-1]))):
+            if r % 2 == 0:
+                row = view[lead]  # a view: writes reach base
+                if r % 4 == 0:
+                    row.fill_(-INF)
+                else:
+                    row[r % row.numel()] = specials[(r // 4) % 3]
+    return base, view_of
+
+
+def _ref_topk(x: torch.Tensor, k: int, temperature: float) -> tuple:
+    """Stable descending sort (NaN first, ties: lower index) and float64 log_softmax(x / T)
+    gathered there; -inf for rows of only -inf, NaN for rows with NaN or +inf."""
+    rows = x.reshape(-1, x.shape[-1]).double()
+    idx = torch.sort(rows.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    empty = (rows == -INF).all(-1, keepdim=True)
+    lp = torch.log_softmax(torch.where(empty, 0.0, rows) / temperature, dim=-1).gather(1, idx)
+    lp = torch.where(empty, -INF, lp)
+    return idx.reshape(*x.shape[:-1], k), lp.reshape(*x.shape[:-1], k)
+
+
+def _sample_problems(idx: torch.Tensor, w: torch.Tensor, x: torch.Tensor, draws: int) -> list:
+    """Structure of sample_logits' output: per row distinct tokens ascending, each of positive
+    probability, weights multiples of 1 / S summing to 1, then (-1, 0) padding; rows with no
+    distribution all padding."""
+    problems = []
+    rows = x.reshape(-1, x.shape[-1]).double()
+    defined = ~(torch.isnan(rows).any(-1) | (rows == INF).any(-1) | (rows == -INF).all(-1))
+    all_i, all_w = idx.reshape(-1, draws).cpu().long(), w.reshape(-1, draws).cpu().double()
+    for r, (ti, tw) in enumerate(zip(all_i, all_w)):
+        n = int((ti >= 0).sum())
+        if not ((ti[n:] == -1).all() and (tw[n:] == 0).all() and (tw[:n] > 0).all()):
+            problems.append(f"row {r}: padding misplaced")
+        if not bool(defined[r]):
+            if n:
+                problems.append(f"row {r}: draws from a row without a distribution")
+            continue
+        if n == 0 or (n > 1 and not (ti[1:n] > ti[:n - 1]).all()):
+            problems.append(f"row {r}: tokens not distinct and ascending")
+            continue
+        if int(ti[n - 1]) >= rows.shape[-1] or not torch.isfinite(rows[r, ti[:n]]).all():
+            problems.append(f"row {r}: a token outside the row or of zero probability")
+        counts = tw[:n] * draws
+        if not torch.allclose(counts, counts.round(), atol=1e-3) or int(counts.round().sum()) != draws:
+            problems.append(f"row {r}: weights are not counts / num_samples")
+    return problems
+
+
+def run_topk_sample_case(case: Case, device: str, seed: int) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    opts = dict(case.options)
+    index_dtype = {"int64": torch.int64, "int32": torch.int32}[opts["index_dtype"]]
+    base, view_of = _topk_sample_input(case, gen)
+    problems = []
+    if case.op == "sample":
+        draws = opts["num_samples"]
+        seed_t = torch.tensor(seed * 7919 + 13, dtype=torch.int64)
+        x = view_of(base.to(device))
+        idx, w = torch.ops.kdfast.sample_logits(x, draws, opts["temperature"], seed_t.to(device), index_dtype)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if idx.dtype != index_dtype or idx.shape != (*case.shape[:-1], draws):
+            return [f"indices {idx.dtype} {tuple(idx.shape)}"]
+        problems += _sample_problems(idx, w, view_of(base), draws)
+        if device != "cpu":
+            cpu_idx, cpu_w = torch.ops.kdfast.sample_logits(view_of(base), draws, opts["temperature"], seed_t,
+                                                            index_dtype)
+            if not (torch.equal(idx.cpu(), cpu_idx) and torch.equal(w.cpu(), cpu_w)):
+                problems.append("draws differ from the CPU kernel's for the same seed (possible, but about "
+                                "1e-7 per draw: only when a draw falls within rounding of a token boundary)")
+        return problems
+    k, temperature = opts["k"], opts["temperature"]
+    backwards = {"fwd": 0, "bwd": 1, "bwd_scaled": 1, "retain": 2}[case.mode]
+    leaf = base.to(device, copy=True).requires_grad_(backwards > 0)
+    x = view_of(leaf)
+    if backwards:
+        idx, lp = kdfast.topk_logits(x, k, temperature=temperature, index_dtype=index_dtype)
+    else:
+        with torch.no_grad():
+            idx, lp = kdfast.topk_logits(x, k, temperature=temperature, index_dtype=index_dtype)
+    weights = (torch.rand(lp.shape, generator=gen, dtype=torch.float64) + 0.5 if case.mode == "bwd_scaled"
+               else torch.ones(lp.shape, dtype=torch.float64))
+    for b in range(backwards):
+        lp.backward(weights.to(device=device, dtype=lp.dtype), retain_graph=b + 1 < backwards)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    ref_leaf = base.to(torch.float64, copy=True).requires_grad_(backwards > 0)
+    ref_idx, ref_lp = _ref_topk(view_of(ref_leaf), k, temperature)
+    if idx.dtype != index_dtype or not torch.equal(idx.cpu().long(), ref_idx):
+        problems.append("indices differ from the stable descending sort")
+    got = lp.detach().cpu().double()
+    special = ~torch.isfinite(ref_lp)
+    if not (torch.equal(torch.isnan(got), torch.isnan(ref_lp)) and torch.equal(got == -INF, ref_lp == -INF)):
+        problems.append("-inf / NaN log-probabilities misplaced")
+    elif (why := _close(got[~special], ref_lp.detach()[~special], 1e-9 if case.student == "fp64" else 2e-5)):
+        problems.append(f"logprobs: {why}")
+    if backwards:
+        ref_lp.backward(weights)
+        grad = leaf.grad.detach().cpu()
+        inside = torch.zeros(grad.shape, dtype=torch.bool)
+        view_of(inside).fill_(True)
+        if (grad[~inside] != 0).any():
+            problems.append("gradient written outside the view")
+        if (why := _close(view_of(grad), backwards * view_of(ref_leaf.grad), TOL[case.student])) is not None:
+            problems.append(f"gradient: {why}")
     return problems
 
 
