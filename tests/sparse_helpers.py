@@ -241,3 +241,45 @@ def check_sparse(student, indices, teacher_values, labels=None, *, grad_output=N
     else:
         _close(grad, ref_grad, 1e-4, grad_atol * max(scale, 1e-2), "grad_student")
     return loss, grad
+
+
+# ----------------------------------------------------------------------------- per-ISA cases
+
+
+def run_isa_cases() -> None:
+    """Cases for each CPU instruction-set build: rows across the chunk boundaries of every
+    vector width (chunks of 256 / 512 float32 elements, 128 / 256 float64), every student
+    dtype with every value dtype, both tails and value kinds, the cross-entropy at T != 1,
+    leading all -inf chunks (the running maximum starts later), a label on and off the
+    support, the recomputed float16 gradient, and denormals flushed or not."""
+    cases = [
+        # (V, K, student dtype, values dtype, options)
+        (255, 9, torch.float32, torch.float32, dict(tail="residual", temperature=2.0, alpha=0.3)),
+        (257, 64, torch.float32, torch.bfloat16, dict(temperature=0.5)),
+        (513, 33, torch.bfloat16, torch.float32, dict(tail="residual", values="probs")),
+        (1025, 17, torch.float16, torch.float16, dict(alpha=0.5, temperature=3.0)),
+        (4099, 128, torch.float32, torch.float16, dict(tail="residual", alpha=0.2)),
+        (511, 5, torch.float64, torch.float64, dict(tail="residual", temperature=1.5, alpha=0.4)),
+        (129, 129, torch.float64, torch.float64, dict(values="probs")),
+        (7, 3, torch.bfloat16, torch.bfloat16, dict(tail="residual", temperature=2.0, alpha=1.0)),
+    ]
+    for v, k, s_dtype, v_dtype, options in cases:
+        s = logits((3, v), dtype=s_dtype)
+        idx, val, _ = topk_teacher((3,), v, k, values=options.get("values", "logprobs"), dtype=v_dtype,
+                                   temperature=options.get("temperature", 1.0))
+        y = labels_for((3,), v, ignore_every=0)
+        y[0] = idx[0, k // 2]  # a label on the support
+        check_sparse(s, idx, val, y if options.get("alpha") else None, reduction="none", **options)
+        if v > 300:  # the first chunk(s) masked: the running maximum starts in a later chunk
+            masked = s.clone()
+            masked[:, : v // 2] = -math.inf
+            ok = idx >= v // 2
+            check_sparse(masked, torch.where(ok, idx, -1), val, y if options.get("alpha") else None,
+                         reduction="sum", **options)
+    for flush in (False, True):
+        torch.set_flush_denormal(flush)
+        s = logits((2, 300))
+        idx, val, _ = topk_teacher((2,), 300, 10)
+        s[torch.arange(2)[:, None], idx] += 60.0  # off-support mass ~1e-26: near the float32 floor
+        check_sparse(s, idx, val, None, tail="residual", reduction="none")
+    torch.set_flush_denormal(False)
