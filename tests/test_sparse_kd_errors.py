@@ -45,7 +45,7 @@ def test_bad_options(name, value, error, match):
 
 
 def test_bad_tensors():
-    s, idx, val, y = _inputs()
+    s, idx, val, _ = _inputs()
     cases = [
         ((s.numpy(), idx, val), TypeError, "student_logits must be a torch.Tensor"),
         ((s.int(), idx, val), TypeError, "student_logits must be float32"),

@@ -264,7 +264,8 @@ def test_retain_graph_twice_gives_equal_grads(device, tail, reduction):
     loss.backward(go)
     torch.testing.assert_close(g1, g2, rtol=0, atol=0)
     torch.testing.assert_close(s.grad, g1, rtol=0, atol=0)
-    _, ref_gs = ref_sparse_and_grad(s0, idx, val, y, grad_output=go, tail=tail, alpha=0.2, reduction=reduction)
+    _, ref_gs = ref_sparse_and_grad(s0, idx, val, y, grad_output=go, tail=tail, alpha=0.2,
+                                    reduction=reduction)
     _grad_close(g1, ref_gs, "grad_student")
 
 
