@@ -4,7 +4,7 @@
 (timing, peak memory, copy bandwidth, machine description, CSV / markdown / PNG);
 ``common`` the driver (command line, run, loss check, targets); one module per op
 its cases, providers and targets: ``kd_loss``, ``feature_loss``,
-``attention_transfer``, ``dkd`` (the names of :data:`BENCHMARKS`, also the values
+``attention_transfer``, ``dkd``, ``sparse_kd`` (the names of :data:`BENCHMARKS`, also the values
 of ``kdfast bench --op``). Run ``python -m kdfast bench --help``.
 
 Importing this package imports neither matplotlib nor the benchmarked libraries.
@@ -13,14 +13,14 @@ Example::
 
     >>> from kdfast import bench
     >>> [b.op for b in bench.load_all()]
-    ['kd_loss', 'feature_loss', 'attention_transfer_loss', 'dkd_loss']
+    ['kd_loss', 'feature_loss', 'attention_transfer_loss', 'dkd_loss', 'sparse_kd_loss']
 """
 
 from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("kd_loss", "feature_loss", "attention_transfer", "dkd")
+BENCHMARKS = ("kd_loss", "feature_loss", "attention_transfer", "dkd", "sparse_kd")
 
 
 def load(name: str):
