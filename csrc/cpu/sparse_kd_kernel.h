@@ -9,12 +9,16 @@
 //      buffer (O(V), cache-resident), with one factor per chunk to the final maximum;
 //   2. the teacher's support (K entries): its mass, the divergence terms and, for the
 //      residual tail, the student mass off the support, summed from the row buffer
-//      with the support entries zeroed (no cancellation against the normaliser);
+//      with the support entries zeroed (no cancellation against the normaliser); then
+//      the gradient's values at the support and the label (from their logits, in acc_t);
 //   3. the gradient: the row written densely from the kept exponentials with the
-//      coefficient of the entries off the support, then the K support entries and the
-//      label overwritten with their own values (from their logits, in acc_t).
-// The recomputing backward (float16 students) does 3 from the row statistics, with the
-// exponentials of the logits. No dense teacher is formed.
+//      coefficient of the entries off the support, then the values of step 2 written
+//      over their entries.
+// Step 1 is bound by the exponentials, step 3 by memory (a gradient-sized buffer written
+// for the first time), so a thread overlaps them across rows: while it reads row r in
+// step 1 it writes row r - 1's gradient chunk by chunk (two row buffers per thread).
+// The recomputing backward (float16 students) does step 3 from the row statistics, with
+// the exponentials of the logits. No dense teacher is formed.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -42,20 +46,31 @@ constexpr int64_t sparse_chunk() {
 
 // Per-thread row buffers: the exponentials of pass 1 (e relative to the running maximum
 // when their chunk was read; e1 the same at temperature 1) and, per chunk, first that
-// maximum, then the factor from it to the row's maximum.
+// maximum, then the factor from it to the row's maximum; the row's support entries (index,
+// teacher probability and its log, (s_i - m) / T); the gradient's values at the support
+// and the label (entries + 1 values, indices in index[]), written over the dense row.
 template <typename acc_t>
 struct SparseScratch {
   std::unique_ptr<acc_t[]> data;
+  std::unique_ptr<int64_t[]> index;
   acc_t *e = nullptr, *e1 = nullptr, *factor = nullptr, *factor1 = nullptr;
-  SparseScratch(int64_t vocab, bool with_s1) {
+  acc_t *p = nullptr, *log_p = nullptr, *x = nullptr, *grad = nullptr;
+  int64_t entries = 0, patches = 0;
+  SparseScratch(int64_t vocab, int64_t support, bool with_s1) {
     const int64_t w = Vectorized<acc_t>::size();
     const int64_t padded = (vocab + w - 1) / w * w;
     const int64_t chunks = (vocab + sparse_chunk<acc_t>() - 1) / sparse_chunk<acc_t>();
-    data.reset(new acc_t[padded * (with_s1 ? 2 : 1) + 2 * chunks]);
+    const int64_t rows = with_s1 ? 2 : 1;
+    data.reset(new acc_t[padded * rows + 2 * chunks + 4 * (support + 1)]);
+    index.reset(new int64_t[support + 1]);
     e = data.get();
     e1 = with_s1 ? e + padded : nullptr;
-    factor = e + padded * (with_s1 ? 2 : 1);
+    factor = e + padded * rows;
     factor1 = factor + chunks;
+    p = factor1 + chunks;
+    log_p = p + support + 1;
+    x = log_p + support + 1;
+    grad = x + support + 1;
   }
 };
 
@@ -93,9 +108,18 @@ struct SparseRowKernel {
     bool defined;
   };
 
+  // A row's gradient waiting to be written (pass 3) from its row buffer.
+  struct PendingGrad {
+    const SparseScratch<acc_t>* sc = nullptr;  // nullptr: nothing pending
+    s_t* gs = nullptr;
+    acc_t per_z = 0, per_z1 = 0;  // q_j * dense = e_j * factor * per_z; the CE's part likewise
+    int64_t written = 0;          // chunks written so far
+  };
+
   // Pass 1 over one row (see the top); next: the next row of this thread (or nullptr),
-  // prefetched while the last chunks are exponentiated.
-  Norm normalise(const s_t* s, SparseScratch<acc_t>& sc, const s_t* next) const {
+  // prefetched while the last chunks are exponentiated; pending: a previous row's
+  // gradient, one chunk of which is written after each chunk of this row.
+  Norm normalise(const s_t* s, SparseScratch<acc_t>& sc, const s_t* next, PendingGrad& pending) const {
     const int64_t vocab = p.vocab;
     const Vec vinv_temp(k.inv_temp), zero(acc_t(0));
     const bool with_s1 = k.with_s1;
@@ -103,6 +127,7 @@ struct SparseRowKernel {
     acc_t m = kNegInf;
     int64_t c = 0;
     for (int64_t lo = 0; lo < vocab; lo += kChunk, ++c) {
+      if (pending.sc != nullptr) write_chunk(pending, c);
       const int64_t n = std::min(kChunk, vocab - lo);
       const acc_t cm = row_max<s_t, acc_t>(s + lo, n);
       if (cm != cm || cm == -kNegInf) return {cm, acc_t(0), acc_t(0), false};  // NaN or +inf
@@ -127,7 +152,9 @@ struct SparseRowKernel {
       }
       const Vec vmax(m);
       auto step = [&](int64_t j, int64_t nn, Vec& z, Vec& z1) {
-        const int64_t ahead = j + kChunk;  // the next chunk (of this row or the next), for pass 1's max
+        // Two chunks ahead (of this row or the next), for pass 1's max: about the memory
+        // latency's worth of this loop.
+        const int64_t ahead = j + 2 * kChunk;
         if (ahead < vocab) {
           __builtin_prefetch(s + ahead, 0, 3);
         } else if (next != nullptr && ahead - vocab < vocab) {
@@ -157,7 +184,7 @@ struct SparseRowKernel {
     for (c = 0; c < chunks; ++c) {  // running maximum of each chunk -> factor to m
       const acc_t d = sc.factor[c] - m;
       sc.factor[c] = d == kNegInf ? acc_t(0) : std::exp(d * k.inv_temp);
-      sc.factor1[c] = d == kNegInf ? acc_t(0) : std::exp(d);
+      if (with_s1) sc.factor1[c] = d == kNegInf ? acc_t(0) : std::exp(d);
     }
     return {m, hsum(za + zb), with_s1 ? hsum(z1a + z1b) : acc_t(0), true};
   }
@@ -185,78 +212,97 @@ struct SparseRowKernel {
   // The student logit at index i, in acc_t.
   static acc_t logit(const s_t* s, int64_t i) { return static_cast<acc_t>(s[i]); }
 
+  // The row's support entries into sc (index -1: skipped), with x = (s_i - max_s) / T.
+  void gather_support(int64_t row, const s_t* s, acc_t max_s, SparseScratch<acc_t>& sc) const {
+    int64_t n = 0;
+    for (int64_t kk = 0; kk < p.support; ++kk) {
+      const int64_t i = sparse_index(p, row, kk);
+      if (i < 0) continue;
+      const math::TeacherProb<acc_t> t = math::teacher_prob(sparse_value<acc_t>(p, row, kk), k.logprobs);
+      sc.index[n] = i;
+      sc.p[n] = t.p;
+      sc.log_p[n] = t.log_p;
+      sc.x[n++] = (logit(s, i) - max_s) * k.inv_temp;
+    }
+    sc.entries = n;
+  }
+
   // Pass 2: row statistics from the normaliser and the teacher's support; zeroes the
   // support's exponentials in sc (residual).
   math::SparseRowStats<acc_t> support_stats(int64_t row, const s_t* s, const Norm& nm,
                                             SparseScratch<acc_t>& sc) const {
+    gather_support(row, s, nm.max, sc);
     acc_t mass = 0;
-    for (int64_t kk = 0; kk < p.support; ++kk) {
-      if (sparse_index(p, row, kk) < 0) continue;
-      mass += math::teacher_prob(sparse_value<acc_t>(p, row, kk), k.logprobs).p;
-    }
+    for (int64_t n = 0; n < sc.entries; ++n) mass += sc.p[n];
     const math::SupportScale<acc_t> scale = math::support_scale(mass, k);
     const acc_t log_z = std::log(nm.z);
     acc_t terms = 0;
-    for (int64_t kk = 0; kk < p.support; ++kk) {
-      const int64_t i = sparse_index(p, row, kk);
-      if (i < 0) continue;
-      const math::TeacherProb<acc_t> t = math::teacher_prob(sparse_value<acc_t>(p, row, kk), k.logprobs);
-      terms += math::support_term(t, math::log_prob(logit(s, i), nm.max, k.inv_temp, log_z), scale);
-      if (k.residual) sc.e[i] = acc_t(0);
+    for (int64_t n = 0; n < sc.entries; ++n) {
+      terms += math::support_term(math::TeacherProb<acc_t>{sc.p[n], sc.log_p[n]}, sc.x[n] - log_z, scale);
     }
-    const acc_t off_support = k.residual ? kept_sum(sc) / nm.z : acc_t(0);
+    acc_t off_support = 0;
+    if (k.residual) {
+      for (int64_t n = 0; n < sc.entries; ++n) sc.e[sc.index[n]] = acc_t(0);
+      off_support = kept_sum(sc) / nm.z;
+    }
     return math::sparse_row_stats(nm.max, nm.z, nm.z1, mass, terms, off_support, k);
   }
 
-  // q and q1 of the student logit x from the row statistics.
-  void probs_at(acc_t x, const math::SparseRowStats<acc_t>& r, acc_t& q, acc_t& q1) const {
-    q = std::exp(math::log_prob(x, r.max_s, k.inv_temp, r.log_z));
-    q1 = k.with_s1 ? std::exp(math::log_prob(x, r.max_s, acc_t(1), r.log_z1)) : q;
+  // q1 of the student logit at i from the row statistics (q when T = 1).
+  acc_t prob1_at(const s_t* s, int64_t i, const math::SparseRowStats<acc_t>& r, acc_t q) const {
+    return k.with_s1 ? std::exp(math::log_prob(logit(s, i), r.max_s, acc_t(1), r.log_z1)) : q;
   }
 
-  // Pass 3b: the support entries and the label, each written with its own value.
-  void patch(int64_t row, const s_t* s, const math::SparseRowStats<acc_t>& r,
-             const math::SparseGradConsts<acc_t>& g, int64_t label, s_t* gs) const {
+  // Pass 2b: the gradient's values at the gathered support entries and the label, into sc.
+  void support_gradient(const s_t* s, const math::SparseRowStats<acc_t>& r, const math::SparseGradConsts<acc_t>& g,
+                        int64_t label, SparseScratch<acc_t>& sc) const {
     bool label_in_support = false;
-    for (int64_t kk = 0; kk < p.support; ++kk) {
-      const int64_t i = sparse_index(p, row, kk);
-      if (i < 0) continue;
-      const math::TeacherProb<acc_t> t = math::teacher_prob(sparse_value<acc_t>(p, row, kk), k.logprobs);
-      acc_t q, q1;
-      probs_at(logit(s, i), r, q, q1);
-      gs[i] = static_cast<s_t>(math::support_grad(g, t.p, q, q1, i == label));
+    for (int64_t n = 0; n < sc.entries; ++n) {
+      const int64_t i = sc.index[n];
+      const acc_t q = std::exp(sc.x[n] - r.log_z);
+      sc.grad[n] = math::support_grad(g, sc.p[n], q, prob1_at(s, i, r, q), i == label);
       label_in_support |= i == label;
     }
+    sc.patches = sc.entries;
     if (k.with_ce && !label_in_support) {
-      acc_t q, q1;
-      probs_at(logit(s, label), r, q, q1);
-      gs[label] = static_cast<s_t>(math::dense_grad(g, q, q1, true));
+      const acc_t q = std::exp(math::log_prob(logit(s, label), r.max_s, k.inv_temp, r.log_z));
+      sc.index[sc.patches] = label;
+      sc.grad[sc.patches++] = math::dense_grad(g, q, prob1_at(s, label, r, q), true);
     }
   }
 
-  // Pass 3a of the fused call: the dense gradient from the kept exponentials.
-  void dense_from_scratch(const SparseScratch<acc_t>& sc, const Norm& nm, const math::SparseGradConsts<acc_t>& g,
-                          s_t* gs) const {
-    const int64_t vocab = p.vocab;
-    const acc_t per_z = g.dense / nm.z;
-    const acc_t per_z1 = k.with_ce ? g.ce / (k.with_s1 ? nm.z1 : nm.z) : acc_t(0);
-    int64_t c = 0;
-    for (int64_t lo = 0; lo < vocab; lo += kChunk, ++c) {
-      const int64_t end = std::min(lo + kChunk, vocab);
-      const Vec mul(per_z * sc.factor[c]);
-      if (!k.with_ce) {
-        for (int64_t j = lo; j < end; j += W) {
-          VecIO<s_t, acc_t>::store(Vec::loadu(sc.e + j) * mul, gs + j, std::min(W, end - j));
-        }
-        continue;
+  static void apply_patches(const SparseScratch<acc_t>& sc, s_t* gs) {
+    for (int64_t n = 0; n < sc.patches; ++n) gs[sc.index[n]] = static_cast<s_t>(sc.grad[n]);
+  }
+
+  // Pass 3 from the kept exponentials, one chunk: g_j = q_j * dense (+ the CE's q1_j part).
+  void write_chunk(PendingGrad& pg, int64_t c) const {
+    const SparseScratch<acc_t>& sc = *pg.sc;
+    const int64_t lo = c * kChunk, end = std::min(lo + kChunk, p.vocab);
+    const Vec mul(pg.per_z * sc.factor[c]);
+    s_t* gs = pg.gs;
+    if (!k.with_ce) {
+      for (int64_t j = lo; j < end; j += W) {
+        VecIO<s_t, acc_t>::store(Vec::loadu(sc.e + j) * mul, gs + j, std::min(W, end - j));
       }
+    } else {
       const acc_t* e1 = k.with_s1 ? sc.e1 : sc.e;
-      const Vec mul1(per_z1 * (k.with_s1 ? sc.factor1[c] : sc.factor[c]));
+      const Vec mul1(pg.per_z1 * (k.with_s1 ? sc.factor1[c] : sc.factor[c]));
       for (int64_t j = lo; j < end; j += W) {
         const Vec gv = Vec::loadu(sc.e + j) * mul + Vec::loadu(e1 + j) * mul1;
         VecIO<s_t, acc_t>::store(gv, gs + j, std::min(W, end - j));
       }
     }
+    pg.written = c + 1;
+  }
+
+  // The rest of a pending gradient, then its support and label values.
+  void finish(PendingGrad& pg) const {
+    if (pg.sc == nullptr) return;
+    const int64_t chunks = (p.vocab + kChunk - 1) / kChunk;
+    for (int64_t c = pg.written; c < chunks; ++c) write_chunk(pg, c);
+    apply_patches(*pg.sc, pg.gs);
+    pg = PendingGrad{};
   }
 
   // Pass 3a of the recomputing backward: the dense gradient from the logits.
@@ -280,18 +326,26 @@ struct SparseRowKernel {
     auto* loss = static_cast<acc_t*>(p.loss);
     auto* stats = static_cast<acc_t*>(p.stats);
     const bool with_grad = p.grad_student != nullptr;
-    SparseScratch<acc_t> sc(p.vocab, k.with_s1);
+    // Two row buffers: row r's exponentials are computed while row r - 1's gradient is
+    // written from the other one.
+    SparseScratch<acc_t> buffers[2] = {SparseScratch<acc_t>(p.vocab, p.support, k.with_s1),
+                                       SparseScratch<acc_t>(p.vocab, p.support, k.with_s1)};
+    int cur = 0;
+    PendingGrad pending;
     for (int64_t row = begin; row < end; ++row) {
       acc_t* srow = stats + row * kSparseStatsCols;
       const int64_t label = p.labels ? p.labels[row] : -1;
       if (p.labels && label == p.ignore_index) {
+        finish(pending);
         loss[row] = acc_t(0);
         math::fill_sparse_stats(srow, acc_t(0));
         fill_grad(row, acc_t(0));
         continue;
       }
       const s_t* s = student_row(row);
-      const Norm nm = normalise(s, sc, row + 1 < end ? student_row(row + 1) : nullptr);
+      SparseScratch<acc_t>& sc = buffers[cur];
+      const Norm nm = normalise(s, sc, row + 1 < end ? student_row(row + 1) : nullptr, pending);
+      finish(pending);
       acc_t row_loss = kNaN;
       math::SparseRowStats<acc_t> r{};
       if (math::sparse_row_defined(nm.max, nm.z)) {
@@ -308,15 +362,21 @@ struct SparseRowKernel {
       math::store_sparse_stats(r, srow);
       if (!with_grad) continue;
       const math::SparseGradConsts<acc_t> g = math::sparse_grad_consts(r, k, row_weight(row));
-      s_t* gs = grad_row(row);
-      dense_from_scratch(sc, nm, g, gs);
-      patch(row, s, r, g, label, gs);
+      support_gradient(s, r, g, label, sc);
+      pending.sc = &sc;
+      pending.gs = grad_row(row);
+      pending.per_z = g.dense / nm.z;
+      pending.per_z1 = k.with_ce ? g.ce / (k.with_s1 ? nm.z1 : nm.z) : acc_t(0);
+      pending.written = 0;
+      cur ^= 1;
     }
+    finish(pending);
   }
 
   // Gradients of rows [begin, end) recomputed from the forward's stats.
   void backward(int64_t begin, int64_t end) const {
     const auto* stats = static_cast<const acc_t*>(p.stats_in);
+    SparseScratch<acc_t> sc(0, p.support, false);  // the patch buffers only
     for (int64_t row = begin; row < end; ++row) {
       const int64_t label = p.labels ? p.labels[row] : -1;
       if (p.labels && label == p.ignore_index) {  // stats of ignored rows may hold anything
@@ -332,7 +392,9 @@ struct SparseRowKernel {
       const s_t* s = student_row(row);
       s_t* gs = grad_row(row);
       dense_from_logits(s, r, g, gs);
-      patch(row, s, r, g, label, gs);
+      gather_support(row, s, r.max_s, sc);
+      support_gradient(s, r, g, label, sc);
+      apply_patches(sc, gs);
     }
   }
 };
