@@ -181,10 +181,12 @@ struct SparseRowKernel {
     }
     if (m == kNegInf) return {m, acc_t(0), acc_t(0), false};  // no finite logit
     const int64_t chunks = c;
-    for (c = 0; c < chunks; ++c) {  // running maximum of each chunk -> factor to m
-      const acc_t d = sc.factor[c] - m;
-      sc.factor[c] = d == kNegInf ? acc_t(0) : std::exp(d * k.inv_temp);
-      if (with_s1) sc.factor1[c] = d == kNegInf ? acc_t(0) : std::exp(d);
+    const Vec vm(m);
+    for (c = 0; c < chunks; c += W) {  // running maximum of each chunk -> factor to m (-inf: 0)
+      const int64_t n = std::min(W, chunks - c);
+      const Vec d = load_n<acc_t, acc_t>(sc.factor + c, n) - vm;
+      Ops::exp(d * vinv_temp).store(sc.factor + c, static_cast<int>(n));
+      if (with_s1) Ops::exp(d).store(sc.factor1 + c, static_cast<int>(n));
     }
     return {m, hsum(za + zb), with_s1 ? hsum(z1a + z1b) : acc_t(0), true};
   }
@@ -215,16 +217,26 @@ struct SparseRowKernel {
   // The row's support entries into sc (index -1: skipped), with x = (s_i - max_s) / T.
   void gather_support(int64_t row, const s_t* s, acc_t max_s, SparseScratch<acc_t>& sc) const {
     int64_t n = 0;
+    acc_t* stored = k.logprobs ? sc.log_p : sc.p;
     for (int64_t kk = 0; kk < p.support; ++kk) {
       const int64_t i = sparse_index(p, row, kk);
       if (i < 0) continue;
-      const math::TeacherProb<acc_t> t = math::teacher_prob(sparse_value<acc_t>(p, row, kk), k.logprobs);
       sc.index[n] = i;
-      sc.p[n] = t.p;
-      sc.log_p[n] = t.log_p;
+      stored[n] = sparse_value<acc_t>(p, row, kk);
       sc.x[n++] = (logit(s, i) - max_s) * k.inv_temp;
     }
     sc.entries = n;
+    // math::teacher_prob, W entries at a time: p = exp(log p), or log p = log p (0 for p <= 0).
+    const Vec zero(acc_t(0));
+    for (int64_t j = 0; j < n; j += W) {
+      const int count = static_cast<int>(std::min(W, n - j));
+      const Vec v = load_n<acc_t, acc_t>(stored + j, count, acc_t(0));
+      if (k.logprobs) {
+        v.exp().store(sc.p + j, count);
+      } else {
+        Ops::select(Ops::gt(v, zero), v.log(), zero).store(sc.log_p + j, count);
+      }
+    }
   }
 
   // Pass 2: row statistics from the normaliser and the teacher's support; zeroes the
@@ -256,10 +268,15 @@ struct SparseRowKernel {
   // Pass 2b: the gradient's values at the gathered support entries and the label, into sc.
   void support_gradient(const s_t* s, const math::SparseRowStats<acc_t>& r, const math::SparseGradConsts<acc_t>& g,
                         int64_t label, SparseScratch<acc_t>& sc) const {
+    const Vec vlz(r.log_z);
+    for (int64_t j = 0; j < sc.entries; j += W) {  // q of each entry, W at a time
+      const int count = static_cast<int>(std::min(W, sc.entries - j));
+      Ops::exp(load_n<acc_t, acc_t>(sc.x + j, count) - vlz).store(sc.grad + j, count);
+    }
     bool label_in_support = false;
     for (int64_t n = 0; n < sc.entries; ++n) {
       const int64_t i = sc.index[n];
-      const acc_t q = std::exp(sc.x[n] - r.log_z);
+      const acc_t q = sc.grad[n];
       sc.grad[n] = math::support_grad(g, sc.p[n], q, prob1_at(s, i, r, q), i == label);
       label_in_support |= i == label;
     }
