@@ -459,3 +459,61 @@ def test_reference_agrees_on_the_op_outputs(device):
             ref = ref_sparse(s.cpu(), idx.cpu(), v.cpu(), y.cpu(), values_kind=values, temperature=1.3,
                              alpha=0.2, tail=tail, reduction="none")
             torch.testing.assert_close(loss.cpu().double(), ref, rtol=2e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- fallback
+
+FALLBACK_CHILD = """
+import sys, warnings
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import kdfast
+    from test_sparse_kd_ops import fallback_cases
+    results = fallback_cases()
+torch.save(dict(results=results, has_extension=kdfast.has_extension(),
+                warned=any("reference" in str(w.message) for w in caught)), sys.argv[1])
+"""
+
+
+def fallback_cases():
+    """(loss, grad) of a few sparse_kd_loss calls on fixed inputs."""
+    out = []
+    for i, (tail, values, alpha, dtype) in enumerate([("renormalize", "logprobs", 0.0, torch.float32),
+                                                      ("residual", "probs", 0.3, torch.float32),
+                                                      ("residual", "logprobs", 0.5, torch.bfloat16)]):
+        g = torch.Generator().manual_seed(7 + i)
+        s = (torch.randn(3, 4, 50, generator=g) * 3).to(dtype).requires_grad_(True)
+        idx = torch.stack([torch.randperm(50, generator=g)[:6] for _ in range(12)]).reshape(3, 4, 6)
+        idx[..., ::4] = -1
+        w = torch.rand(3, 4, 6, generator=g) * 0.15
+        val = w.log() if values == "logprobs" else w
+        y = torch.randint(0, 50, (3, 4), generator=g)
+        y.view(-1)[::5] = -100
+        loss = kdfast.sparse_kd_loss(s, idx, val, y, values=values, tail=tail, alpha=alpha, temperature=2.0)
+        loss.backward()
+        out.append((loss.detach(), s.grad))
+    return out
+
+
+def test_fallback_without_the_extension_matches_the_kernels(tmp_path):
+    """KDFAST_DISABLE_EXTENSION=1: kdfast.sparse_kd_loss runs kdfast.reference (with a warning)
+    and gives the kernels' numbers."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "fallback.pt"
+    env = dict(os.environ, KDFAST_DISABLE_EXTENSION="1")
+    code = FALLBACK_CHILD.format(root=root, tests=os.path.join(root, "tests"))
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    child = torch.load(out)
+    assert not child["has_extension"] and child["warned"]
+    for (ref_loss, ref_grad), (loss, grad) in zip(child["results"], fallback_cases()):
+        torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=1e-5)
+        scale = float(ref_grad.abs().max())
+        rtol = torch.finfo(grad.dtype).eps if grad.dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=rtol, atol=2e-5 * scale)
