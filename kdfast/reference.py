@@ -479,7 +479,10 @@ def sparse_kd_loss_rows(student: Tensor, teacher_indices: Tensor, teacher_values
     else:
         kd = (p * _masked_diff(p, log_p, log_q)).sum(-1)
         r_t = (1.0 - mass).clamp(min=0.0)
-        in_support = torch.zeros_like(s, dtype=torch.bool).scatter_(1, safe, valid)
+        # Counted, not scattered: padding entries point at index 0 as well, and scatter_
+        # keeps an arbitrary one of the values sent to one index.
+        hits = torch.zeros_like(s, dtype=torch.int64).scatter_add_(1, safe, valid.long())
+        in_support = hits > 0
         r_s = torch.where(in_support, 0.0, log_q_all.exp()).sum(-1)
         log_r_s = r_s.clamp(min=torch.finfo(acc).tiny).log()
         log_r_t = torch.where(r_t > 0, r_t, 1.0).log()

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Small calls of ``dkd_loss``, ``feature_loss``, ``attention_transfer_loss``, ``topk_logits``
-and ``sample_logits`` that walk the code paths of their kernels, for compute-sanitizer
+"""Small calls of ``dkd_loss``, ``feature_loss``, ``attention_transfer_loss``, ``topk_logits``,
+``sample_logits`` and ``sparse_kd_loss`` that walk the code paths of their kernels, for compute-sanitizer
 (``gpu_sanitize_cases.py`` does the same for ``kd_loss``)::
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/gpu_sanitize_ops.py -v
@@ -10,8 +10,11 @@ The cases cover row widths with vector-width remainders (1, 7, 8, 9, 33, 1025, 4
 every (student, teacher) dtype pair and fp64, views (rows sliced off, a one-element
 storage offset, transposed leading dimensions, channels_last feature maps), every
 option of each op (kinds, normalize, masks with some / no selected rows, reductions,
-ignored labels, p), forward only and forward + backward (student; grad_output != 1;
-student and teacher; teacher only; a second backward with ``retain_graph=True``).
+ignored labels, p; sparse_kd_loss: both tails and value kinds, K from 1 to 64 with and
+without padding, int32 / int64 indices), forward only and forward + backward (student;
+grad_output != 1; student and teacher; teacher only; a second backward with
+``retain_graph=True``; sparse_kd_loss has no teacher gradient, so its ``teacher`` mode
+makes the teacher's values require grad and checks that they get none).
 ``topk_logits`` and ``sample_logits`` (one input: every dtype) add k from 1 to V = 4099
 (the largest k, 4096, in float64: the CUDA kernel's opt-in shared memory), rows of ties,
 rows without a distribution (all -inf, NaN, +inf), int32 / int64 indices, num_samples up to
@@ -52,10 +55,12 @@ WIDTHS = (1, 7, 8, 9, 33, 1025, 4099)
 GRAD_MODES = ("bwd", "bwd_scaled", "teacher", "teacher_only", "retain")
 MODES = ("fwd", *GRAD_MODES)
 OPS = {"dkd": "dkd_loss_fused", "feature": "feature_loss_fused", "attention": "attention_transfer_fused",
-       "topk": "topk_logits", "sample": "sample_logits"}
-# The one-input ops run each dtype with itself, and only the modes they have.
+       "topk": "topk_logits", "sample": "sample_logits", "sparse": "sparse_kd_loss_fused"}
+# The one-input ops run each dtype with itself; each op runs the modes it has
+# (sparse_kd_loss gives no teacher gradient).
 SAME_DTYPE = [(d, d) for d in DTYPES]
-OP_MODES = {"topk": ("fwd", "bwd", "bwd_scaled", "retain"), "sample": ("fwd",)}
+OP_MODES = {"topk": ("fwd", "bwd", "bwd_scaled", "retain"), "sample": ("fwd",),
+            "sparse": ("fwd", "bwd", "bwd_scaled", "teacher", "retain")}
 OP_PAIRS = {"topk": SAME_DTYPE, "sample": SAME_DTYPE}
 
 
@@ -118,6 +123,45 @@ def ref_attention(s, t, p):
     return (att(s) - att(t)).pow(2).mean()
 
 
+def ref_sparse(s, indices, values, labels, values_kind, tail, alpha, temperature, ignore_index, reduction,
+               tail_floor):
+    """sparse_kd_loss from its definition: the sparse teacher scattered into a dense row."""
+    vocab = s.shape[-1]
+    s2 = s.reshape(-1, vocab)
+    idx = indices.reshape(-1, indices.shape[-1]).long()
+    val = values.reshape(-1, values.shape[-1]).double()
+    valid = idx >= 0
+    safe = torch.where(valid, idx, 0)
+    p_entries = torch.where(valid, val.exp() if values_kind == "logprobs" else val, 0.0)
+    p = torch.zeros_like(s2).scatter_add_(1, safe, p_entries)
+    support = torch.zeros_like(s2).scatter_add_(1, safe, valid.double()) > 0
+    log_q = (s2 / temperature).log_softmax(-1)
+    keep = p > 0
+    mass = p.sum(-1)
+    log_p = torch.where(keep, p, 1.0).log()
+    if tail == "renormalize":
+        w = p / torch.where(mass > 0, mass, 1.0)[:, None]
+        log_w = torch.where(keep, w, 1.0).log()
+        d = torch.where(keep, w * (log_w - torch.where(keep, log_q, 0.0)), 0.0).sum(-1)
+    else:
+        d = torch.where(keep, p * (log_p - torch.where(keep, log_q, 0.0)), 0.0).sum(-1)
+        r_t = (1 - mass).clamp(min=0.0)
+        r_s = torch.where(support, 0.0, log_q.exp()).sum(-1).clamp(min=tail_floor)
+        d = d + torch.where(r_t > 0, r_t * (torch.where(r_t > 0, r_t, 1.0).log() - r_s.log()), 0.0)
+    rows = (1 - alpha) * temperature**2 * d
+    keep_rows = torch.ones(rows.shape, dtype=torch.bool)
+    if labels is not None:
+        y = labels.reshape(-1)
+        keep_rows = y != ignore_index
+        if alpha > 0:
+            ce = -s2.log_softmax(-1).gather(1, torch.where(keep_rows, y, 0)[:, None]).squeeze(1)
+            rows = rows + alpha * ce
+    rows = torch.where(keep_rows, rows, 0.0).reshape(s.shape[:-1])
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / keep_rows.sum().clamp(min=1)
+
+
 # ---------------------------------------------------------------------------
 # Cases
 # ---------------------------------------------------------------------------
@@ -166,6 +210,19 @@ def make_cases() -> list:
                           (("kind", kind), ("normalize", bool((i // 4) % 2)),
                            ("reduction", ("mean", "sum", "none")[i % 3])),
                           extra=(("mask", ("none", "some", "empty")[(i // 2) % 3]),)))
+    sparse_modes = modes_of("sparse")
+    for i, ((s, t), width) in enumerate(itertools.product(PAIRS, WIDTHS)):
+        lead = leads[(i + 1) % len(leads)]
+        layout = ("transposed" if len(lead) == 2 and i % 2 else layouts_2d[(i + 1) % 3])
+        k = min(width, (1, 3, 16, 64)[i % 4])
+        cases.append(Case("sparse", (*lead, width), s, t, sparse_modes[i % len(sparse_modes)], layout,
+                          (("values", ("logprobs", "probs")[(i // 2) % 2]),
+                           ("tail", ("renormalize", "residual")[i % 2]),
+                           ("alpha", (0.0, 0.3)[(i // 3) % 2]), ("temperature", (1.0, 2.0)[(i // 5) % 2]),
+                           ("reduction", ("batchmean", "sum", "none")[i % 3])),
+                          extra=(("ignore", ("none", "some", "all")[(i // 4) % 3]), ("k", k),
+                                 ("pad", bool((i // 7) % 2) and k > 1),
+                                 ("index", ("int64", "int32")[i % 2]))))
     for i, ((s, t), hw) in enumerate(itertools.product(PAIRS, ((1, 1), (7, 5), (8, 8), (9, 13)))):
         cases.append(Case("attention", ((1, 2, 3)[i % 3], (1, 3, 16)[i % 3], *hw), s, t,
                           MODES[i % len(MODES)],
@@ -201,6 +258,8 @@ TOL = {"fp64": 1e-9, "fp32": 2e-4, "fp16": 4e-3, "bf16": 2e-2}
 def run_case(case: Case, device: str, seed: int) -> list:
     if case.op in ("topk", "sample"):
         return run_topk_sample_case(case, device, seed)
+    if case.op == "sparse":
+        return run_sparse_case(case, device, seed)
     gen = torch.Generator().manual_seed(seed)
     opts = dict(case.options)
     extra = dict(case.extra)
@@ -450,6 +509,80 @@ def run_topk_sample_case(case: Case, device: str, seed: int) -> list:
             problems.append("gradient written outside the view")
         if (why := _close(view_of(grad), backwards * view_of(ref_leaf.grad), TOL[case.student])) is not None:
             problems.append(f"gradient: {why}")
+    return problems
+
+
+def run_sparse_case(case: Case, device: str, seed: int) -> list:
+    """One sparse_kd_loss case: a random distinct support per row (some entries padding),
+    its teacher values, the student in the case's layout; loss and gradient against the
+    float64 definition, the gradient zero outside the view, none for the teacher."""
+    gen = torch.Generator().manual_seed(seed)
+    opts, extra = dict(case.options), dict(case.extra)
+    lead, vocab, k = case.shape[:-1], case.shape[-1], extra["k"]
+    rows = math.prod(lead)
+    base_shape, view_of, _ = _view(case.layout, case.shape)
+    base = (2 * torch.randn(base_shape, generator=gen)).to(DTYPES[case.student])
+    idx = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(rows)]) if rows else \
+        torch.empty(0, k, dtype=torch.int64)
+    weights = torch.rand(rows, k, generator=gen, dtype=torch.float64) + 0.05
+    if extra["pad"]:
+        idx[:, 1::2] = -1
+        weights[:, 1::2] = 0.0
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-30) * 0.9
+    vals = weights.log() if opts["values"] == "logprobs" else weights
+    idx = idx.reshape(*lead, k).to(torch.int32 if extra["index"] == "int32" else torch.int64)
+    vals = vals.reshape(*lead, k).to(DTYPES[case.teacher])
+    labels = torch.randint(0, vocab, lead, generator=gen)
+    if extra["ignore"] == "all":
+        labels.fill_(-100)
+    elif extra["ignore"] == "some":
+        labels.view(-1)[::2] = -100
+
+    per_row = opts["reduction"] == "none"
+    row_w = torch.rand(lead, generator=gen, dtype=torch.float64) + 0.5
+
+    def grad_output(like):
+        if per_row:
+            w = row_w if case.mode == "bwd_scaled" else torch.ones(lead, dtype=torch.float64)
+        else:
+            w = torch.tensor(0.37 if case.mode == "bwd_scaled" else 1.0, dtype=torch.float64)
+        return w.to(device=like.device, dtype=like.dtype)
+
+    backwards = {"fwd": 0, "retain": 2}.get(case.mode, 1)
+    leaf = base.to(device).requires_grad_(backwards > 0)
+    dev_vals = vals.to(device).requires_grad_(case.mode == "teacher")
+    call = lambda: kdfast.sparse_kd_loss(view_of(leaf), idx.to(device), dev_vals, labels.to(device),  # noqa: E731
+                                         **opts)
+    if case.mode == "fwd":
+        with torch.no_grad():
+            loss = call()
+    else:
+        loss = call()
+    for i in range(backwards):
+        loss.backward(grad_output(loss), retain_graph=i + 1 < backwards)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+    ref_leaf = view_of(base).double().detach().requires_grad_(backwards > 0)
+    acc = torch.float64 if case.student == "fp64" else torch.float32
+    ref = ref_sparse(ref_leaf, idx, vals, labels, opts["values"], opts["tail"], opts["alpha"],
+                     opts["temperature"], -100, opts["reduction"], torch.finfo(acc).tiny)
+    problems = []
+    if (why := _close(loss, ref, 1e-9 if case.student == "fp64" else 5e-4)) is not None:
+        problems.append(f"loss: {why}")
+    if dev_vals.grad is not None:
+        problems.append("teacher_values got a gradient")
+    if backwards:
+        ref.backward(grad_output(ref))
+        if leaf.grad is None:
+            return [*problems, "student: no gradient"]
+        grad = leaf.grad.detach().cpu()
+        inside = torch.zeros(grad.shape, dtype=torch.bool)
+        view_of(inside).fill_(True)
+        if (grad[~inside] != 0).any():
+            problems.append("student: gradient written outside the view")
+        if (why := _close(view_of(grad), backwards * ref_leaf.grad, TOL[case.student])) is not None:
+            problems.append(f"student gradient: {why}")
     return problems
 
 

@@ -13,5 +13,6 @@ if has_extension():
         dkd,
         feature_loss,
         kd_loss,
+        sparse_kd,
         topk_sample,
     )
