@@ -6,7 +6,7 @@ Examples::
     python -m kdfast info                      # build facts of the installed kdfast
     python -m kdfast bench --quick             # smoke benchmark of kd_loss, seconds
     python -m kdfast bench --out results/cpu   # full kd_loss benchmark on this machine
-    python -m kdfast bench --op dkd --quick    # another op: feature_loss, attention_transfer, dkd
+    python -m kdfast bench --op dkd --quick    # another op: feature_loss, attention_transfer, dkd, sparse_kd
     python -m kdfast bench --op all            # every op, one folder
     python -m kdfast bench --op cache --quick  # the teacher cache: bytes/token, build, student epoch
     python -m kdfast cache info out/cache      # a teacher cache (also: cache build, cache verify)

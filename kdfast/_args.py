@@ -267,6 +267,7 @@ SPARSE_VALUES = ("logprobs", "probs")
 SPARSE_TAILS = ("renormalize", "residual")
 MAX_TOPK = 4096
 MAX_SAMPLES = 4096
+MAX_VOCAB = 2**31 - 1  # token ids fit int32 (the CUDA kernels keep them so)
 
 
 def _check_count(value: int, arg: str, vocab: int | None, limit: int, name: str) -> int:
@@ -282,6 +283,9 @@ def _check_count(value: int, arg: str, vocab: int | None, limit: int, name: str)
 def check_index_dtype(index_dtype: torch.dtype, vocab: int, name: str) -> None:
     if index_dtype not in INDEX_DTYPES:
         raise TypeError(f"{name}: index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
+    if vocab > MAX_VOCAB:
+        raise ValueError(f"{name}: teacher_logits must have a vocabulary (last) dimension < 2^31, "
+                         f"got {vocab}")
 
 
 def check_topk_args(logits: torch.Tensor, k: int, temperature: float,

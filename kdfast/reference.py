@@ -395,7 +395,8 @@ def _log_softmax_t(x: Tensor, temperature: float) -> Tensor:
 def topk_logits(teacher_logits: Tensor, k: int, *, temperature: float = 1.0,
                 index_dtype: torch.dtype = torch.int64) -> tuple[Tensor, Tensor]:
     """Reference :func:`kdfast.topk_logits`: a stable descending sort of each row (ties:
-    lower index first), and ``log_softmax(teacher_logits / T)`` gathered there.
+    lower index first, NaN first), and ``log_softmax(teacher_logits / T)`` gathered there;
+    a row of only ``-inf`` logits has no distribution: logprobs ``-inf`` (zero gradient).
     Differentiable in ``teacher_logits``."""
     check_topk_args(teacher_logits, k, temperature, index_dtype)
     x = _rows2d(teacher_logits)
@@ -405,7 +406,9 @@ def topk_logits(teacher_logits: Tensor, k: int, *, temperature: float = 1.0,
         order = torch.sort(rows.detach().to(_acc_dtype(rows)), dim=-1, descending=True,
                            stable=True).indices[:, :k]
         indices.append(order)
-        logprobs.append(_log_softmax_t(rows, temperature).gather(1, order))
+        empty = (rows == float("-inf")).all(-1, keepdim=True)
+        lp = _log_softmax_t(torch.where(empty, 0.0, rows), temperature).gather(1, order)
+        logprobs.append(torch.where(empty, float("-inf"), lp))
     lead = teacher_logits.shape[:-1]
     idx = torch.cat(indices).reshape(*lead, k).to(index_dtype) if indices else \
         x.new_empty((*lead, k), dtype=index_dtype)
@@ -476,7 +479,10 @@ def sparse_kd_loss_rows(student: Tensor, teacher_indices: Tensor, teacher_values
     else:
         kd = (p * _masked_diff(p, log_p, log_q)).sum(-1)
         r_t = (1.0 - mass).clamp(min=0.0)
-        in_support = torch.zeros_like(s, dtype=torch.bool).scatter_(1, safe, valid)
+        # Counted, not scattered: padding entries point at index 0 as well, and scatter_
+        # keeps an arbitrary one of the values sent to one index.
+        hits = torch.zeros_like(s, dtype=torch.int64).scatter_add_(1, safe, valid.long())
+        in_support = hits > 0
         r_s = torch.where(in_support, 0.0, log_q_all.exp()).sum(-1)
         log_r_s = r_s.clamp(min=torch.finfo(acc).tiny).log()
         log_r_t = torch.where(r_t > 0, r_t, 1.0).log()

@@ -54,8 +54,10 @@ def topk_logits(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.
 
     Returns:
         ``(indices, logprobs)``: ``[..., k]`` each, sorted by descending logit (ties: lower
-        index first); ``logprobs`` float32 (float64 for float64 input). ``logprobs`` is
-        differentiable in ``teacher_logits``. Memory: the outputs only.
+        index first; NaN first, as ``torch.sort``); ``logprobs`` float32 (float64 for float64
+        input). A row of only ``-inf`` logits has no distribution: logprobs ``-inf`` (zero
+        gradient); a row holding NaN or ``+inf`` gets NaN. ``logprobs`` is differentiable in
+        ``teacher_logits``. Memory: the outputs only.
 
     Example::
 
@@ -97,7 +99,8 @@ def sample_logits(teacher_logits: torch.Tensor, num_samples: int, *, temperature
         temperature: ``T > 0``.
         generator: the ``torch.Generator`` the draws come from (one seed per call is drawn
             from it); None uses the default generator of the logits' device. The same
-            generator state gives the same draws on the same device.
+            generator state gives the same draws. The kernels draw from Philox-4x32-10 keyed
+            by (seed, row, draw), the same numbers on CPU and CUDA (docs/topk_sample.md).
         index_dtype: ``torch.int64`` (default) or ``torch.int32``.
 
     Returns:

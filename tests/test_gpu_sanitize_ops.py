@@ -47,20 +47,34 @@ def test_cases_cover_every_op_mode_and_dtype(script):
     assert {c.op for c in cases} == set(script.OPS)
     for op in script.OPS:
         mine = [c for c in cases if c.op == op]
-        assert {c.mode for c in mine} == set(script.MODES), op
-        assert {(c.student, c.teacher) for c in mine} == set(script.PAIRS), op
+        assert {c.mode for c in mine} == set(script.modes_of(op)), op
+        assert {(c.student, c.teacher) for c in mine} == set(script.pairs_of(op)), op
 
 
-def test_a_wrong_loss_is_reported(script, monkeypatch):
+@pytest.mark.parametrize("op, fn", [("feature", "feature_loss"), ("sparse", "sparse_kd_loss")])
+def test_a_wrong_loss_is_reported(script, monkeypatch, op, fn):
     ops = available_ops(script)
-    if "feature" not in ops:
-        pytest.skip("no feature_loss CPU kernel")
-    real = kdfast.feature_loss
-    monkeypatch.setattr(kdfast, "feature_loss", lambda *a, **k: real(*a, **k) * 1.01)
-    case = next(c for c in script.make_cases() if c.op == "feature" and c.mode == "bwd")
+    if op not in ops:
+        pytest.skip(f"no {fn} CPU kernel")
+    real = getattr(kdfast, fn)
+    monkeypatch.setattr(kdfast, fn, lambda *a, **k: real(*a, **k) * 1.01)
+    case = next(c for c in script.make_cases() if c.op == op and c.mode == "bwd")
     problems = script.run_case(case, "cpu", seed=0)
     assert any(p.startswith("loss:") for p in problems), problems
     assert any("gradient" in p for p in problems), problems
+
+
+def test_a_wrong_top_k_is_reported(script, monkeypatch):
+    ops = available_ops(script)
+    if "topk" not in ops:
+        pytest.skip("no topk_logits CPU kernel")
+    real = kdfast.topk_logits
+    monkeypatch.setattr(kdfast, "topk_logits", lambda *a, **k: tuple(t * 1.01 if t.is_floating_point() else t
+                                                                      for t in real(*a, **k)))
+    case = next(c for c in script.make_cases() if c.op == "topk" and c.mode == "bwd" and c.shape[-1] > 8)
+    problems = script.run_case(case, "cpu", seed=0)
+    assert any(p.startswith("logprobs:") for p in problems), problems
+    assert any(p.startswith("gradient:") for p in problems), problems
 
 
 def test_unknown_op_is_refused(script):

@@ -4,9 +4,9 @@
 (timing, peak memory, copy bandwidth, machine description, CSV / markdown / PNG);
 ``common`` the driver (command line, run, loss check, targets); one module per op
 its cases, providers and targets: ``kd_loss``, ``feature_loss``,
-``attention_transfer``, ``dkd`` (the names of :data:`BENCHMARKS`, also the values
-of ``kdfast bench --op``); ``cache`` benchmarks the teacher cache with its own runner
-(:data:`SEPARATE`). Run ``python -m kdfast bench --help``.
+``attention_transfer``, ``dkd``, ``topk_logits``, ``sample_logits``, ``sparse_kd``
+(the names of :data:`BENCHMARKS`, also the values of ``kdfast bench --op``);
+``cache`` benchmarks the teacher cache with its own runner (:data:`SEPARATE`). Run ``python -m kdfast bench --help``.
 
 Importing this package imports neither matplotlib nor the benchmarked libraries.
 
@@ -14,14 +14,16 @@ Example::
 
     >>> from kdfast import bench
     >>> [b.op for b in bench.load_all()]
-    ['kd_loss', 'feature_loss', 'attention_transfer_loss', 'dkd_loss']
+    ['kd_loss', 'feature_loss', 'attention_transfer_loss', 'dkd_loss', 'topk_logits', 'sample_logits',
+     'sparse_kd_loss']
 """
 
 from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("kd_loss", "feature_loss", "attention_transfer", "dkd")
+BENCHMARKS = ("kd_loss", "feature_loss", "attention_transfer", "dkd", "topk_logits", "sample_logits",
+              "sparse_kd")
 # benchmarks with their own runner, not a grid of loss providers: kdfast.bench.<name>.run(args)
 SEPARATE = ("cache",)
 

@@ -8,4 +8,11 @@ when the compiled extension is loaded.
 from kdfast._extension import has_extension
 
 if has_extension():
-    from kdfast.ops import attention_transfer, dkd, feature_loss, kd_loss  # noqa: F401
+    from kdfast.ops import (  # noqa: F401
+        attention_transfer,
+        dkd,
+        feature_loss,
+        kd_loss,
+        sparse_kd,
+        topk_sample,
+    )
