@@ -13,10 +13,12 @@ the same initialisation, data, steps and optimiser, learn from:
                    (``kdfast.topk_logits``), ``tail="renormalize"``;
   top{k}_residual  the same cache, ``tail="residual"`` (the mass outside the top k as one bucket).
 
-Every student is scored on held-out documents by perplexity (cross-entropy to the true
-next token) and by KL(teacher || student) per token, both at T = 1; ``results.json`` and
-``results.md`` go into ``--out``, the teacher checkpoint, vocabulary and caches into
-``<out>/work`` (ignored by git).
+``ce``, ``dense_kd`` and ``sampled12`` are trained again with other seeds (``--seeds``, 3 by
+default: student initialisation, batch order and the cache's draws), since short runs of
+small students vary from seed to seed. Every student is scored on held-out files by
+perplexity (cross-entropy to the true next token) and by KL(teacher || student) per token,
+both at T = 1; ``results.json`` and ``results.md`` go into ``--out``, the teacher
+checkpoint, vocabulary and caches into ``<out>/work`` (ignored by git).
 
     python examples/lm_cache_distill.py --out benchmarks/results/cpu-amd-epyc-2c/lm_cache_distill
     python examples/lm_cache_distill.py --quick --out /tmp/lm_quick      # tiny sizes, seconds
