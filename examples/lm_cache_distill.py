@@ -529,8 +529,9 @@ def render_markdown(r: dict) -> str:
         "# Language-model distillation from a teacher cache",
         "",
         f"Command: `{r['command']}`  ",
-        f"Machine: {m['cpu_model']}, {m['cpu_count']} cores, torch {m['torch']} with "
-        f"{m['torch_threads']} thread(s), Python {m['python']}; kdfast CPU ops: {kernels}. "
+        f"Machine: {m['cpu_model']}, {m['cpu_count']} cores, kdfast CPU kernels "
+        f"{m['kdfast'].get('cpu_capability', '?')}, torch {m['torch']} with {m['torch_threads']} "
+        f"thread(s), Python {m['python']}; kdfast CPU ops: {kernels}. "
         f"Total {r['total_seconds'] / 60:.1f} min.",
         "",
         f"Corpus: {corpus['files']} Python standard-library source files under `{corpus['root']}` "
