@@ -39,7 +39,7 @@ gpu-check:  ## on a GPU machine (no network, no .venv): build, ptxas report, CUD
 
 lint: install
 	$(PIP) install --quiet ruff
-	$(VENV)/bin/ruff check kdfast tests benchmarks scripts .ci/ptxas_report.py
+	$(VENV)/bin/ruff check kdfast tests benchmarks scripts examples .ci/ptxas_report.py
 
 clean:
 	rm -rf build dist *.egg-info kdfast/*.so
