@@ -5,27 +5,12 @@ and the recomputing backward."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
+from isa_runner import run_with_capability
 
-import kdfast
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-CHILD = textwrap.dedent("""
-    import sys
-    sys.path[:0] = [{root!r}, {tests!r}]
-    import torch
-    import kdfast
+CHILD = """
     from at_helpers import check_against_reference, feature_map
 
-    print(kdfast.build_info()["cpu_capability"])
-    torch.manual_seed(0)
     cases = [
         # (student shape, teacher channels, student dtype, teacher dtype, channels_last s / t)
         ((3, 37, 17, 19), 9, torch.float32, torch.float32, False, False),
@@ -50,20 +35,9 @@ CHILD = textwrap.dedent("""
             check_against_reference(s, t, p, teacher_grad=False, grad_output=-0.75)
     zero = torch.zeros(2, 4, 5, 5)
     check_against_reference(zero, feature_map((2, 3, 5, 5)), 2.0, teacher_grad=True)
-    print("ok")
-""")
+"""
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_cpu_kernels_match_reference(capability, needs_extension):
-    built = [c.lower() for c in kdfast.build_info()["cpu_capabilities_built"]]
-    if capability not in built:
-        pytest.skip(f"kdfast was built without the {capability} CPU kernels ({built})")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    proc = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT, tests=TESTS)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    lines = proc.stdout.split()
-    if proc.returncode == 0 and lines and lines[0] != capability.upper():
-        pytest.skip(f"this CPU cannot run the {capability} kernels (got {lines[0]})")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert lines[-1] == "ok"
+    run_with_capability(capability, CHILD)

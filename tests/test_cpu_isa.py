@@ -8,27 +8,12 @@ and is checked against the float64 reference there.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
+from isa_runner import run_with_capability
 
-import kdfast
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-CHILD = textwrap.dedent("""
-    import sys
-    sys.path[:0] = [{root!r}, {tests!r}]
-    import torch
-    import kdfast
+CHILD = """
     from kd_helpers import check_against_reference, labels_for, logits
 
-    print(kdfast.build_info()["cpu_capability"])
-    torch.manual_seed(0)
     cases = [
         # (shape, student dtype, teacher dtype, options)
         ((5, 37), torch.float32, torch.float32, dict(temperature=2.0, alpha=0.3)),
@@ -55,19 +40,9 @@ CHILD = textwrap.dedent("""
         check_against_reference(s, t, None, teacher_grad=True, divergence="jsd", reduction="none",
                                 eager_rule=True)
     torch.set_flush_denormal(False)
-    print("ok")
-""")
+"""
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_narrower_cpu_kernels_match_reference(capability, needs_extension):
-    built = [c.lower() for c in kdfast.build_info()["cpu_capabilities_built"]]
-    if capability not in built:
-        pytest.skip(f"kdfast was built without the {capability} CPU kernels ({built})")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    proc = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT, tests=TESTS)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    lines = proc.stdout.split()
-    assert lines[0] == capability.upper(), f"kernels in use: {lines[0]}, asked for {capability}"
-    assert lines[-1] == "ok"
+    run_with_capability(capability, CHILD)

@@ -62,6 +62,32 @@ def test_rows_that_raise_the_threshold_often(device, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rows_with_many_blocks(device, dtype):
+    """V / 256 >= k: the k-th largest block maximum is a first threshold on CPU. Edge cases:
+    it is -inf (few finite entries), 0 (where -0.0 and +0.0 are equal values but not keys),
+    ties at it, NaN rows, and denormals flushed to zero (DAZ) while it is 0."""
+    V = 40000
+    x = torch.full((6, V), -INF, dtype=torch.float64)
+    x[0, torch.randperm(V, generator=torch.Generator().manual_seed(1))[:10]] = 1.5  # 10 finite, k = 64
+    x[1] = -torch.rand(V, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x[1, ::300] = 0.0
+    x[1, 7::600] = -0.0                                          # floor 0: both zeros are candidates
+    x[2] = torch.randint(0, 4, (V,), generator=torch.Generator().manual_seed(3)).double()  # ties
+    x[3] = logits((V,), torch.float64, scale=3.0, seed=4)
+    x[4] = x[3]
+    x[4, 777] = NAN
+    x[5] = x[3].flip(0)
+    x = x.to(dtype).to(device)
+    for k in (1, 64, 156, 1000):  # k > 157 blocks: the lane maxima
+        check_topk(x, k)
+    if device == "cpu" and torch.set_flush_denormal(True):
+        try:
+            check_topk(x[1:2], 64)
+        finally:
+            torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_degenerate_rows(device, dtype):
     x = logits((7, 50), dtype, device)
     x[0] = -INF                      # no distribution: logprobs -inf, indices 0..k-1

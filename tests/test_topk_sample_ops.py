@@ -100,10 +100,15 @@ def test_gradcheck_topk_masked(device):
 # ----------------------------------------------------------------------------- torch.compile
 
 
-def test_compile_fullgraph(device, fresh_dynamo):
+@pytest.mark.parametrize("backend", ("aot_eager", "inductor"))
+def test_compile_fullgraph(device, backend, fresh_dynamo):
+    if backend == "inductor" and device == "cpu" and os.environ.get("ATEN_CPU_CAPABILITY"):
+        # as in test_dkd_loss_ops.py: inductor's C++ kernels assume the CPU's own vector
+        # width while ATen runs the narrower ISA asked for (the backward's softmax is NaN)
+        pytest.skip("inductor CPU codegen with ATEN_CPU_CAPABILITY forcing a narrower ISA")
     x = logits((4, 6, 301), device=device).requires_grad_(True)
 
-    @torch.compile(fullgraph=True)
+    @torch.compile(fullgraph=True, backend=backend)
     def cache_step(x):
         idx, lp = kdfast.topk_logits(x, 16, temperature=2.0)
         sidx, w = kdfast.sample_logits(x, 12, temperature=2.0)

@@ -25,6 +25,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -118,7 +119,7 @@ struct SparseRowKernel {
 
   // Pass 1 over one row (see the top); next: the next row of this thread (or nullptr),
   // prefetched while the last chunks are exponentiated; pending: a previous row's
-  // gradient, one chunk of which is written after each chunk of this row.
+  // gradient, one chunk of which is written along with each chunk of this row.
   Norm normalise(const s_t* s, SparseScratch<acc_t>& sc, const s_t* next, PendingGrad& pending) const {
     const int64_t vocab = p.vocab;
     const Vec vinv_temp(k.inv_temp), zero(acc_t(0));

@@ -6,7 +6,8 @@
 its cases, providers and targets: ``kd_loss``, ``feature_loss``,
 ``attention_transfer``, ``dkd``, ``topk_logits``, ``sample_logits``, ``sparse_kd``
 (the names of :data:`BENCHMARKS`, also the values of ``kdfast bench --op``);
-``cache`` benchmarks the teacher cache with its own runner (:data:`SEPARATE`). Run ``python -m kdfast bench --help``.
+``cache`` benchmarks the teacher cache with its own runner (:data:`SEPARATE`).
+Run ``python -m kdfast bench --help``.
 
 Importing this package imports neither matplotlib nor the benchmarked libraries.
 
