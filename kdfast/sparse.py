@@ -101,6 +101,9 @@ def sample_logits(teacher_logits: torch.Tensor, num_samples: int, *, temperature
             from it); None uses the default generator of the logits' device. The same
             generator state gives the same draws. The kernels draw from Philox-4x32-10 keyed
             by (seed, row, draw), the same numbers on CPU and CUDA (docs/topk_sample.md).
+            ``torch.compile`` cannot trace a generator object (a graph break); with
+            ``fullgraph=True`` use None, or call ``torch.ops.kdfast.sample_logits`` with a
+            seed tensor.
         index_dtype: ``torch.int64`` (default) or ``torch.int32``.
 
     Returns:

@@ -125,6 +125,21 @@ def test_compile_fullgraph(device, backend, fresh_dynamo):
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_with_a_generator(device, fresh_dynamo):
+    """A generator object is not traceable: without fullgraph, compile breaks the graph
+    there and the draws are those of eager mode for the same generator state."""
+    x = logits((3, 5, 77), device=device)
+
+    @torch.compile(backend="aot_eager")
+    def draw(x, g):
+        return kdfast.sample_logits(x, 12, temperature=1.5, generator=g)
+
+    got = draw(x, torch.Generator(device=device).manual_seed(3))
+    want = kdfast.sample_logits(x, 12, temperature=1.5,
+                                generator=torch.Generator(device=device).manual_seed(3))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 # ----------------------------------------------------------------------------- the generator
 
 PHILOX_KAT = """
