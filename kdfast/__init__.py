@@ -53,9 +53,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # kdfast.cache is imported on first use: `import kdfast` stays light
-    if name == "cache":
+    # kdfast.cache and kdfast.train are imported on first use: `import kdfast` stays light
+    if name in ("cache", "train"):
         import importlib
 
-        return importlib.import_module("kdfast.cache")
+        return importlib.import_module(f"kdfast.{name}")
     raise AttributeError(f"module 'kdfast' has no attribute {name!r}")

@@ -1,0 +1,35 @@
+"""kdfast's training layer: a :class:`Distiller` loop, one object per distillation mode,
+and metrics. Every distillation loss inside is a kdfast op.
+
+Example::
+
+    >>> import torch, kdfast
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> x, y = torch.randn(128, 16), torch.randint(0, 4, (128,))
+    >>> teacher, student = torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)
+    >>> mode = kdfast.train.Soft(teacher, temperature=4.0, alpha=0.1)
+    >>> result = kdfast.train.Distiller(student, mode, epochs=1, progress=False).fit(
+    ...     DataLoader(TensorDataset(x, y), batch_size=32), eval_data=DataLoader(TensorDataset(x, y)))
+"""
+
+from kdfast.train import metrics
+from kdfast.train._batch import move_to, paired, unpack
+from kdfast.train.distiller import Distiller, FitResult
+from kdfast.train.hooks import FeatureTap, get_module
+from kdfast.train.modes import (
+    BACKENDS,
+    MODES,
+    DistillMode,
+    Feature,
+    Hard,
+    MultiTeacher,
+    Soft,
+    StepOutput,
+    Supervised,
+    freeze,
+    make_mode,
+)
+
+__all__ = ["BACKENDS", "MODES", "DistillMode", "Distiller", "Feature", "FeatureTap", "FitResult", "Hard",
+           "MultiTeacher", "Soft", "StepOutput", "Supervised", "freeze", "get_module", "make_mode", "metrics",
+           "move_to", "paired", "unpack"]

@@ -1,0 +1,46 @@
+"""Distillation modes: one object per mode says how a training step computes its loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdfast.train.modes.base import BACKENDS, DistillMode, StepOutput, Supervised, freeze
+from kdfast.train.modes.feature import Feature
+from kdfast.train.modes.multi_teacher import MultiTeacher
+from kdfast.train.modes.soft import Hard, Soft
+
+__all__ = ["BACKENDS", "MODES", "DistillMode", "Feature", "Hard", "MultiTeacher", "Soft", "StepOutput",
+           "Supervised", "freeze", "make_mode"]
+
+#: Mode name -> class, for :func:`make_mode` and ``Distiller(student, "<name>", ...)``.
+MODES: dict[str, type[DistillMode]] = {
+    cls.name: cls for cls in (Supervised, Soft, Hard, Feature, MultiTeacher)
+}
+
+
+def make_mode(name: str, **options: Any) -> DistillMode:
+    """Build the mode called ``name`` (see :data:`MODES`) with its keyword ``options``.
+
+    ``teacher=`` and ``teachers=`` are accepted by every mode that takes teachers.
+
+    Example::
+
+        >>> mode = kdfast.train.make_mode("soft", teacher=torch.nn.Linear(4, 3), temperature=2.0)
+        >>> mode.name
+        'soft'
+    """
+    if name not in MODES:
+        raise ValueError(f"unknown distillation mode {name!r}; choose from {sorted(MODES)}")
+    cls = MODES[name]
+    if "teachers" in options and "teacher" in options:
+        raise ValueError(f"mode {name!r}: pass teacher= or teachers=, not both")
+    if cls is MultiTeacher and "teacher" in options:
+        options["teachers"] = options.pop("teacher")
+    elif cls is not MultiTeacher and "teachers" in options:
+        options["teacher"] = options.pop("teachers")
+    try:
+        return cls(**options)
+    except TypeError as err:
+        if "required" in str(err) and ("teacher" in str(err)):
+            raise ValueError(f"mode {name!r} needs a teacher (teacher=...)") from None
+        raise
