@@ -21,15 +21,26 @@ from kdfast.train.modes import (
     MODES,
     DistillMode,
     Feature,
+    Generation,
     Hard,
+    Lifelong,
+    LifelongResult,
+    MultiHeadNet,
     MultiTeacher,
+    Online,
+    SelfDistillation,
     Soft,
     StepOutput,
     Supervised,
+    Task,
+    born_again,
     freeze,
+    learn_tasks,
     make_mode,
 )
 
 __all__ = ["BACKENDS", "MODES", "DistillMode", "Distiller", "Feature", "FeatureTap", "FitResult", "Hard",
            "MultiTeacher", "Soft", "StepOutput", "Supervised", "freeze", "get_module", "make_mode", "metrics",
            "move_to", "paired", "unpack"]
+__all__ += ["Generation", "Lifelong", "LifelongResult", "MultiHeadNet", "Online", "SelfDistillation", "Task",
+            "born_again", "learn_tasks"]

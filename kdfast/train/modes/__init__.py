@@ -6,16 +6,22 @@ from typing import Any
 
 from kdfast.train.modes.base import BACKENDS, DistillMode, StepOutput, Supervised, freeze
 from kdfast.train.modes.feature import Feature
+from kdfast.train.modes.lifelong import Lifelong, LifelongResult, MultiHeadNet, Task, learn_tasks
 from kdfast.train.modes.multi_teacher import MultiTeacher
+from kdfast.train.modes.online import Online
+from kdfast.train.modes.self_distill import Generation, SelfDistillation, born_again
 from kdfast.train.modes.soft import Hard, Soft
 
 __all__ = ["BACKENDS", "MODES", "DistillMode", "Feature", "Hard", "MultiTeacher", "Soft", "StepOutput",
            "Supervised", "freeze", "make_mode"]
+__all__ += ["Generation", "Lifelong", "LifelongResult", "MultiHeadNet", "Online", "SelfDistillation", "Task",
+            "born_again", "learn_tasks"]
 
 #: Mode name -> class, for :func:`make_mode` and ``Distiller(student, "<name>", ...)``.
 MODES: dict[str, type[DistillMode]] = {
     cls.name: cls for cls in (Supervised, Soft, Hard, Feature, MultiTeacher)
 }
+MODES.update({cls.name: cls for cls in (Online, SelfDistillation, Lifelong)})
 
 
 def make_mode(name: str, **options: Any) -> DistillMode:
