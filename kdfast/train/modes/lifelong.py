@@ -346,8 +346,8 @@ def learn_tasks(model: MultiHeadNet, tasks: Sequence[Task], *, method: str = "lw
     """Learn ``tasks`` one after another with learning without forgetting (``"lwf"``) or
     the fine-tuning baseline (``"finetune"``), evaluating every task seen after each.
 
-    For each task: a snapshot of ``model`` is taken (a frozen deep copy: the teacher)
-    when it already has heads, a head is added (:meth:`MultiHeadNet.add_head`), and the
+    For each task: with ``"lwf"``, a snapshot of ``model`` is taken (a frozen deep copy,
+    the teacher) when it already has heads; a head is added (:meth:`MultiHeadNet.add_head`), and the
     model is trained with :class:`kdfast.train.Distiller` (``distiller_options``:
     ``epochs``, ``lr``, ...) on the task's data:
 

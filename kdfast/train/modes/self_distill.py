@@ -31,7 +31,7 @@ class SelfDistillation(Soft):
 
         loss = (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T)) + alpha * CE(s, y)
 
-    The paper's students learn the teacher's output distribution alone at ``T = 1``
+    The paper's born-again students are trained on the teacher's output distribution
     (the defaults here: ``temperature=1``, ``alpha=0``); its cross-entropy against the
     teacher's distribution differs from the KL above by the teacher's entropy, a constant
     of the student, so the gradients are the same. ``alpha > 0`` adds the true labels.
@@ -128,10 +128,12 @@ def born_again(make_student: Callable[[], nn.Module], train_data: Iterable, *, g
 
     Generation 0 is ``make_student()`` trained on the labels (:class:`Supervised`);
     generation ``g > 0`` is a fresh ``make_student()`` trained with
-    :class:`SelfDistillation` from generation ``g - 1``. With ``ensemble=True`` (the
-    paper's BAN ensemble targets) generation ``g`` learns instead from the average of all
-    earlier generations' probabilities at ``T`` (:class:`MultiTeacher` with
-    ``combine="mean"`` once there are two or more). Each generation is one
+    :class:`SelfDistillation` from generation ``g - 1``. With ``ensemble=True``
+    generation ``g`` learns instead from the average of all earlier generations'
+    probabilities at ``T`` (an ensemble teacher: :class:`MultiTeacher` with
+    ``combine="mean"`` once there are two or more); the paper's born-again ensembles
+    average the generations' predictions at test time, which the returned models allow
+    either way. Each generation is one
     :class:`kdfast.train.Distiller` run with ``distiller_options`` (``epochs``, ``lr``,
     ...); a ``checkpoint_dir`` gets one sub-folder ``generation<g>`` per generation.
     Every model must output the same classes (checked on the first training batch
@@ -164,6 +166,9 @@ def born_again(make_student: Callable[[], nn.Module], train_data: Iterable, *, g
     from kdfast.train.distiller import Distiller
 
     fn = "born_again"
+    if isinstance(make_student, nn.Module):
+        raise TypeError(f"{fn}: make_student must be a function that builds a model (e.g. lambda: Net()), "
+                        f"got the model {type(make_student).__name__}; every generation needs a new one")
     if not callable(make_student):
         raise TypeError(f"{fn}: make_student must be callable (() -> nn.Module), "
                         f"got {type(make_student).__name__}")
