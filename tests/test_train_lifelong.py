@@ -320,6 +320,8 @@ def test_learn_tasks_errors():
         learn_tasks(_net(), [Task("a", 0, a.train_data, a.eval_data)])
     with pytest.raises(ValueError, match="warmup_epochs must be an int >= 0"):
         learn_tasks(_net(), [a], warmup_epochs=-1)
+    with pytest.raises(ValueError, match="learn_tasks: backend must be one of"):
+        learn_tasks(_net(), [a], backend="triton")
     with pytest.raises(TypeError, match="teacher= is chosen per task"):
         learn_tasks(_net(), [a], teacher=_net())
 

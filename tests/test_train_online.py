@@ -313,6 +313,9 @@ def test_born_again_errors():
     with pytest.raises(ValueError, match="temperature must be finite"):   # before any training
         born_again(lambda: calls.append(1) or Net(), dl, temperature=-1.0)
     assert calls == []
+    with pytest.raises(ValueError, match="born_again: backend must be one of"):
+        born_again(lambda: calls.append(1) or Net(), dl, backend="triton")
+    assert calls == []
     with pytest.raises(TypeError, match="teacher= is chosen per generation"):
         born_again(lambda: Net(), dl, teacher=Net())
     with pytest.raises(ValueError, match="the training data is empty"):

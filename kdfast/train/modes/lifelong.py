@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kdfast.train._batch import move_to, unpack
-from kdfast.train.modes.base import DistillMode, StepOutput, Supervised, check_choice, check_real
+from kdfast.train.modes.base import BACKENDS, DistillMode, StepOutput, Supervised, check_choice, check_real
 
 if TYPE_CHECKING:
     from kdfast.train.distiller import FitResult
@@ -398,6 +398,7 @@ def learn_tasks(model: MultiHeadNet, tasks: Sequence[Task], *, method: str = "lw
     method = check_choice(fn, "method", method, METHODS)
     check_real(fn, "temperature", temperature, low=0.0, low_open=True)
     check_real(fn, "lwf_weight", lwf_weight, low=0.0)
+    check_choice(fn, "backend", backend, BACKENDS)
     if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
         raise ValueError(f"{fn}: warmup_epochs must be an int >= 0, got {warmup_epochs!r}")
     if eval_fn is not None and not callable(eval_fn):

@@ -13,7 +13,7 @@ from torch import nn
 
 from kdfast.train._batch import call_model, move_to, unpack
 from kdfast.train.checkpoint import capture_rng, restore_rng
-from kdfast.train.modes.base import DistillMode, Supervised, check_real
+from kdfast.train.modes.base import BACKENDS, DistillMode, Supervised, check_choice, check_real
 from kdfast.train.modes.multi_teacher import MultiTeacher
 from kdfast.train.modes.soft import Soft
 
@@ -178,6 +178,7 @@ def born_again(make_student: Callable[[], nn.Module], train_data: Iterable, *, g
         raise TypeError(f"{fn}: ensemble must be a bool, got {type(ensemble).__name__}")
     check_real(fn, "temperature", temperature, low=0.0, low_open=True)
     check_real(fn, "alpha", alpha, low=0.0, high=1.0)
+    check_choice(fn, "backend", backend, BACKENDS)
     for key in ("mode", "teacher", "teachers"):
         if key in distiller_options:
             raise TypeError(f"{fn}: {key}= is chosen per generation; it cannot be given")
