@@ -19,17 +19,21 @@ from kdfast.train.hooks import FeatureTap, get_module
 from kdfast.train.modes import (
     BACKENDS,
     MODES,
+    Compressed,
     DistillMode,
     Feature,
     Hard,
     MultiTeacher,
+    Offline,
     Soft,
     StepOutput,
     Supervised,
     freeze,
     make_mode,
+    sparsity_of,
 )
 
 __all__ = ["BACKENDS", "MODES", "DistillMode", "Distiller", "Feature", "FeatureTap", "FitResult", "Hard",
            "MultiTeacher", "Soft", "StepOutput", "Supervised", "freeze", "get_module", "make_mode", "metrics",
            "move_to", "paired", "unpack"]
+__all__ += ["Compressed", "Offline", "sparsity_of"]

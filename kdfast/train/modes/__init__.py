@@ -5,17 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from kdfast.train.modes.base import BACKENDS, DistillMode, StepOutput, Supervised, freeze
+from kdfast.train.modes.compressed import Compressed, sparsity_of
 from kdfast.train.modes.feature import Feature
 from kdfast.train.modes.multi_teacher import MultiTeacher
+from kdfast.train.modes.offline import Offline
 from kdfast.train.modes.soft import Hard, Soft
 
 __all__ = ["BACKENDS", "MODES", "DistillMode", "Feature", "Hard", "MultiTeacher", "Soft", "StepOutput",
            "Supervised", "freeze", "make_mode"]
+__all__ += ["Compressed", "Offline", "sparsity_of"]
 
 #: Mode name -> class, for :func:`make_mode` and ``Distiller(student, "<name>", ...)``.
 MODES: dict[str, type[DistillMode]] = {
     cls.name: cls for cls in (Supervised, Soft, Hard, Feature, MultiTeacher)
 }
+MODES.update({cls.name: cls for cls in (Offline, Compressed)})
 
 
 def make_mode(name: str, **options: Any) -> DistillMode:
