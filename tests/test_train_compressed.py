@@ -324,6 +324,8 @@ def test_errors():
         Compressed(teacher, sparsity=0.5, prune_schedule="gradual")
     with pytest.raises(ValueError, match="prune_steps is only used with prune_schedule='gradual'"):
         Compressed(teacher, sparsity=0.5, prune_steps=10)
+    with pytest.raises(ValueError, match="observer_steps is only used with quantize='qat'"):
+        Compressed(teacher, sparsity=0.5, observer_steps=10)
     with pytest.raises(ValueError, match="nothing to compress"):
         Compressed(teacher)
     with pytest.raises(ValueError, match="needs a teacher"):

@@ -180,6 +180,9 @@ class Compressed(Soft):
             raise ValueError(f"{fn}: quant_backend {quant_backend!r} has no int8 kernels in this PyTorch "
                              f"build (supported: {torch.backends.quantized.supported_engines})")
         self.observer_steps = None if observer_steps is None else _count(fn, "observer_steps", observer_steps)
+        if observer_steps is not None and quantize is None:
+            raise ValueError(f"{fn}: observer_steps is only used with quantize='qat', got "
+                             f"observer_steps={observer_steps!r} with quantize=None")
         if self.sparsity == 0 and quantize is None:
             raise ValueError(f"{fn}: nothing to compress: give sparsity > 0 and/or quantize='qat' "
                              "(for plain distillation use the 'soft' mode)")
