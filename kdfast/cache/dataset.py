@@ -5,7 +5,8 @@ the decoded teacher side and computes the distillation loss against a student.""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -22,7 +23,8 @@ class TeacherBatch:
     value 0; sample layout: ``[B, K]`` and ``lengths`` None. ``indices`` is int64
     (None for a dense cache, whose ``values`` are logits ``[..., V]``); ``values`` are
     ``values_kind``: ``"logprobs"``, ``"probs"`` or ``"logits"``. ``features``:
-    ``{name: [B, ...]}`` (per-token features ``[B, L, ...]``, zero-padded).
+    ``{name: [B, ...]}`` (per-token features ``[B, L, ...]``, zero-padded; their names
+    are in ``token_features``). ``vocab_size``: the teacher's ``V`` (None when unknown).
     """
 
     indices: torch.Tensor | None
@@ -31,6 +33,8 @@ class TeacherBatch:
     values_kind: str
     temperature: float
     features: dict = field(default_factory=dict)
+    token_features: tuple = ()
+    vocab_size: int | None = None
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -43,21 +47,24 @@ class TeacherBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherBatch:
         def move(t):
             return None if t is None else t.to(device, non_blocking=non_blocking)
-        return TeacherBatch(move(self.indices), move(self.values), move(self.lengths), self.values_kind,
-                            self.temperature, {k: move(v) for k, v in self.features.items()})
+        return replace(self, indices=move(self.indices), values=move(self.values), lengths=move(self.lengths),
+                       features={k: move(v) for k, v in self.features.items()})
 
     def pin_memory(self) -> TeacherBatch:
         """Pinned copies (``DataLoader(pin_memory=True)`` calls this)."""
         def pin(t):
             return None if t is None else t.pin_memory()
-        return TeacherBatch(pin(self.indices), pin(self.values), pin(self.lengths), self.values_kind,
-                            self.temperature, {k: pin(v) for k, v in self.features.items()})
+        return replace(self, indices=pin(self.indices), values=pin(self.values), lengths=pin(self.lengths),
+                       features={k: pin(v) for k, v in self.features.items()})
 
     def loss(self, student_logits: torch.Tensor, labels: torch.Tensor | None = None, *,
-             temperature: float | None = None, ignore_index: int = -100, **kwargs: Any) -> torch.Tensor:
+             temperature: float | None = None, ignore_index: int = -100, losses: ModuleType | None = None,
+             **kwargs: Any) -> torch.Tensor:
         """The distillation loss of ``student_logits`` against this teacher batch:
         :func:`kdfast.sparse_kd_loss` (top-k / sampled; ``values`` set to match) or
         :func:`kdfast.kd_loss` (dense), at the cache's temperature unless given.
+        ``losses`` is where those two functions come from: ``kdfast`` (the default) or
+        :mod:`kdfast.reference` (the plain-PyTorch references, same math).
 
         ``student_logits``: ``[B, L', V]`` (token layout, ``L' >= L``: rows past the
         teacher's are padding) or ``[B, V]``. Padded rows are skipped (their labels are
@@ -68,7 +75,8 @@ class TeacherBatch:
 
             >>> loss = batch.loss(student(x), labels=y, alpha=0.1, tail="residual")
         """
-        import kdfast
+        if losses is None:
+            import kdfast as losses
 
         temperature = self.temperature if temperature is None else temperature
         indices, values = self.indices, self.values
@@ -94,9 +102,9 @@ class TeacherBatch:
                 labels = torch.zeros(mask.shape, dtype=torch.int64, device=student_logits.device)
             labels = labels.masked_fill(~mask.to(labels.device), ignore_index)
         if indices is None:
-            return kdfast.kd_loss(student_logits, values.to(student_logits.device), labels,
+            return losses.kd_loss(student_logits, values.to(student_logits.device), labels,
                                   temperature=temperature, ignore_index=ignore_index, **kwargs)
-        return kdfast.sparse_kd_loss(student_logits, indices.to(student_logits.device),
+        return losses.sparse_kd_loss(student_logits, indices.to(student_logits.device),
                                      values.to(student_logits.device), labels, values=self.values_kind,
                                      temperature=temperature, ignore_index=ignore_index, **kwargs)
 
@@ -123,7 +131,8 @@ def collate_teacher(items: Sequence[CachedOutputs], *, dtype: torch.dtype = torc
         indices = None if codec.kind == "dense" else torch.stack([d[0] for d in decoded])
         values = torch.stack([d[1] for d in decoded])
         feats = {n: torch.stack([it.features[n].to(dtype) for it in items]) for n in names}
-        return TeacherBatch(indices, values, None, codec.values, codec.temperature, feats)
+        return TeacherBatch(indices, values, None, codec.values, codec.temperature, feats,
+                            codec.token_features, codec.vocab_size)
     lengths = torch.tensor([d[1].shape[0] for d in decoded], dtype=torch.int64)
     seq = int(lengths.max()) if pad_to is None else pad_to
     if pad_to is not None and int(lengths.max()) > pad_to:
@@ -147,7 +156,8 @@ def collate_teacher(items: Sequence[CachedOutputs], *, dtype: torch.dtype = torc
             feats[name] = out
         else:
             feats[name] = torch.stack([p.to(dtype) for p in parts])
-    return TeacherBatch(indices, values, lengths, codec.values, codec.temperature, feats)
+    return TeacherBatch(indices, values, lengths, codec.values, codec.temperature, feats,
+                        codec.token_features, codec.vocab_size)
 
 
 # ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class Codec:
     num_samples: int | None = None  # draws per row (sampled)
     temperature: float = 1.0
     token_features: tuple = ()  # names of the per-token features
+    vocab_size: int | None = None  # V of the teacher's logits
 
 
 @dataclass
@@ -118,7 +119,8 @@ class TeacherCache:
                            index_elem=index_elem, width=self.storage.width(header["vocab_size"]),
                            num_samples=getattr(self.storage, "num_samples", None),
                            temperature=header["temperature"],
-                           token_features=tuple(n for n, f in header["features"].items() if f["per_token"]))
+                           token_features=tuple(n for n, f in header["features"].items() if f["per_token"]),
+                           vocab_size=header["vocab_size"])
 
     # -- building and opening ------------------------------------------------
 

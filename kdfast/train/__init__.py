@@ -19,6 +19,7 @@ from kdfast.train.hooks import FeatureTap, get_module
 from kdfast.train.modes import (
     BACKENDS,
     MODES,
+    Compressed,
     DistillMode,
     Feature,
     Generation,
@@ -27,6 +28,7 @@ from kdfast.train.modes import (
     LifelongResult,
     MultiHeadNet,
     MultiTeacher,
+    Offline,
     Online,
     SelfDistillation,
     Soft,
@@ -37,10 +39,11 @@ from kdfast.train.modes import (
     freeze,
     learn_tasks,
     make_mode,
+    sparsity_of,
 )
 
-__all__ = ["BACKENDS", "MODES", "DistillMode", "Distiller", "Feature", "FeatureTap", "FitResult", "Hard",
-           "MultiTeacher", "Soft", "StepOutput", "Supervised", "freeze", "get_module", "make_mode", "metrics",
-           "move_to", "paired", "unpack"]
-__all__ += ["Generation", "Lifelong", "LifelongResult", "MultiHeadNet", "Online", "SelfDistillation", "Task",
-            "born_again", "learn_tasks"]
+__all__ = ["BACKENDS", "Compressed", "DistillMode", "Distiller", "Feature", "FeatureTap", "FitResult",
+           "Generation", "Hard", "Lifelong", "LifelongResult", "MODES", "MultiHeadNet", "MultiTeacher",
+           "Offline", "Online", "SelfDistillation", "Soft", "StepOutput", "Supervised", "Task",
+           "born_again", "freeze", "get_module", "learn_tasks", "make_mode", "metrics", "move_to", "paired",
+           "sparsity_of", "unpack"]

@@ -5,23 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from kdfast.train.modes.base import BACKENDS, DistillMode, StepOutput, Supervised, freeze
+from kdfast.train.modes.compressed import Compressed, sparsity_of
 from kdfast.train.modes.feature import Feature
 from kdfast.train.modes.lifelong import Lifelong, LifelongResult, MultiHeadNet, Task, learn_tasks
 from kdfast.train.modes.multi_teacher import MultiTeacher
+from kdfast.train.modes.offline import Offline
 from kdfast.train.modes.online import Online
 from kdfast.train.modes.self_distill import Generation, SelfDistillation, born_again
 from kdfast.train.modes.soft import Hard, Soft
 
-__all__ = ["BACKENDS", "MODES", "DistillMode", "Feature", "Hard", "MultiTeacher", "Soft", "StepOutput",
-           "Supervised", "freeze", "make_mode"]
-__all__ += ["Generation", "Lifelong", "LifelongResult", "MultiHeadNet", "Online", "SelfDistillation", "Task",
-            "born_again", "learn_tasks"]
+__all__ = ["BACKENDS", "MODES", "Compressed", "DistillMode", "Feature", "Generation", "Hard", "Lifelong",
+           "LifelongResult", "MultiHeadNet", "MultiTeacher", "Offline", "Online", "SelfDistillation", "Soft",
+           "StepOutput", "Supervised", "Task", "born_again", "freeze", "learn_tasks", "make_mode",
+           "sparsity_of"]
 
 #: Mode name -> class, for :func:`make_mode` and ``Distiller(student, "<name>", ...)``.
 MODES: dict[str, type[DistillMode]] = {
-    cls.name: cls for cls in (Supervised, Soft, Hard, Feature, MultiTeacher)
+    cls.name: cls for cls in (Supervised, Soft, Hard, Feature, MultiTeacher, Online, SelfDistillation,
+                              Lifelong, Offline, Compressed)
 }
-MODES.update({cls.name: cls for cls in (Online, SelfDistillation, Lifelong)})
 
 
 def make_mode(name: str, **options: Any) -> DistillMode:

@@ -23,6 +23,27 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1) if x.dim() == 4 else x
 
 
+def make_adapter(student_feat: torch.Tensor, target_feat: torch.Tensor, *, device: torch.device,
+                 dtype: torch.dtype) -> nn.Module:
+    """The FitNets regressor from the student's feature width to the target's: a 1x1
+    convolution for ``[N, C, H, W]`` maps, a linear layer on the last dim otherwise."""
+    c_s, c_t = _rows(student_feat).shape[-1], _rows(target_feat).shape[-1]
+    adapter = nn.Conv2d(c_s, c_t, 1) if student_feat.dim() == 4 else nn.Linear(c_s, c_t)
+    return adapter.to(device=device, dtype=dtype)
+
+
+def match_features(losses: Any, student_feat: torch.Tensor, target_feat: torch.Tensor,
+                   adapter: nn.Module | None, *, distance: str, normalize: bool) -> torch.Tensor:
+    """``losses.feature_loss`` of the student feature (through ``adapter`` when given)
+    against the target, per position (channels-last for ``[N, C, H, W]`` maps); in
+    float64 when either side is."""
+    if adapter is not None:
+        student_feat = adapter(student_feat.to(adapter.weight.dtype))
+    if torch.float64 in (student_feat.dtype, target_feat.dtype):
+        student_feat, target_feat = student_feat.double(), target_feat.double()
+    return losses.feature_loss(_rows(student_feat), _rows(target_feat), kind=distance, normalize=normalize)
+
+
 class Feature(DistillMode):
     r"""Feature distillation between named modules of the student and the teacher, alone
     or added to soft-label distillation::
@@ -142,9 +163,7 @@ class Feature(DistillMode):
                                  "learned regressor")
         if self.kind == "hint" and len(self.adapters) == 0:
             for sf, tf in zip(s_feats, t_feats):
-                c_s, c_t = _rows(sf).shape[-1], _rows(tf).shape[-1]
-                adapter = nn.Conv2d(c_s, c_t, 1) if sf.dim() == 4 else nn.Linear(c_s, c_t)
-                self.adapters.append(adapter.to(device=device, dtype=dtype))
+                self.adapters.append(make_adapter(sf, tf, device=device, dtype=dtype))
 
     def feature_loss(self, s_feats: list[torch.Tensor], t_feats: list[torch.Tensor]) -> torch.Tensor:
         """The feature term (unweighted) for captured student / teacher features."""
@@ -155,12 +174,9 @@ class Feature(DistillMode):
                                "mode.prepare(student, batch) before building the optimizer")
         total = None
         for i, (sf, tf) in enumerate(zip(s_feats, t_feats)):
-            if self.kind == "hint":
-                sf = self.adapters[i](sf.to(self.adapters[i].weight.dtype))
-            if torch.float64 in (sf.dtype, tf.dtype):
-                sf, tf = sf.double(), tf.double()
-            term = self.losses.feature_loss(_rows(sf), _rows(tf), kind=self.distance,
-                                            normalize=self.normalize)
+            adapter = self.adapters[i] if self.kind == "hint" else None
+            term = match_features(self.losses, sf, tf, adapter, distance=self.distance,
+                                  normalize=self.normalize)
             total = term if total is None else total + term
         return total
 
