@@ -6,6 +6,8 @@ from typing import Any
 
 from kdfast.train.modes.base import BACKENDS, DistillMode, StepOutput, Supervised, freeze
 from kdfast.train.modes.compressed import Compressed, sparsity_of
+from kdfast.train.modes.consistency import Consistency
+from kdfast.train.modes.domain import Adversarial, CrossDomain, GradientReversal, grad_reverse
 from kdfast.train.modes.feature import Feature
 from kdfast.train.modes.lifelong import Lifelong, LifelongResult, MultiHeadNet, Task, learn_tasks
 from kdfast.train.modes.multi_teacher import MultiTeacher
@@ -14,15 +16,15 @@ from kdfast.train.modes.online import Online
 from kdfast.train.modes.self_distill import Generation, SelfDistillation, born_again
 from kdfast.train.modes.soft import Hard, Soft
 
-__all__ = ["BACKENDS", "MODES", "Compressed", "DistillMode", "Feature", "Generation", "Hard", "Lifelong",
-           "LifelongResult", "MultiHeadNet", "MultiTeacher", "Offline", "Online", "SelfDistillation", "Soft",
-           "StepOutput", "Supervised", "Task", "born_again", "freeze", "learn_tasks", "make_mode",
-           "sparsity_of"]
+__all__ = ["BACKENDS", "MODES", "Adversarial", "Compressed", "Consistency", "CrossDomain", "DistillMode",
+           "Feature", "Generation", "GradientReversal", "Hard", "Lifelong", "LifelongResult", "MultiHeadNet",
+           "MultiTeacher", "Offline", "Online", "SelfDistillation", "Soft", "StepOutput", "Supervised",
+           "Task", "born_again", "freeze", "grad_reverse", "learn_tasks", "make_mode", "sparsity_of"]
 
 #: Mode name -> class, for :func:`make_mode` and ``Distiller(student, "<name>", ...)``.
 MODES: dict[str, type[DistillMode]] = {
     cls.name: cls for cls in (Supervised, Soft, Hard, Feature, MultiTeacher, Online, SelfDistillation,
-                              Lifelong, Offline, Compressed)
+                              Lifelong, Offline, Compressed, Consistency, Adversarial, CrossDomain)
 }
 
 
