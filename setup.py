@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -103,6 +104,12 @@ def make_extension():
             isa_objects[isa] = (isa_sources(isa), flags)
             define_macros.append((f"KDFAST_CPU_{isa}", "1"))
 
+    # at::parallel_for is inline code: without OpenMP in *this* build it runs every CPU
+    # kernel on one thread, whatever torch.get_num_threads() says.
+    link_args = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link_args.append("-fopenmp")
     extra = {"cxx": cxx}
     ext_cls = cpp_extension.CppExtension
     if want_cuda(torch, cpp_extension):
@@ -136,6 +143,7 @@ def make_extension():
         include_dirs=[str(CSRC)],
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=link_args,
         py_limited_api=False,
     )
     ext.kdfast_isa_objects = isa_objects
