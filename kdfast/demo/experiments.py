@@ -294,8 +294,9 @@ class Experiments:
     def source_only(self, seed: int) -> float:
         """The student trained on the 500 MNIST labels, tested on the digits (cached per seed)."""
         if seed not in self._source_only:
-            self._source_only[seed] = _fit(_student(seed), train.Supervised(forward=demo_forward),
-                                           _loader(self.labelled, self.b, seed), self.b, seed, self.digits_test)
+            source = _loader(self.labelled, self.b, seed)
+            self._source_only[seed] = _fit(_student(seed), train.Supervised(forward=demo_forward), source,
+                                           self.b, seed, self.digits_test)
         return self._source_only[seed]
 
     def cross_domain(self, seed: int) -> Outcome:
