@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kdfast import demo as demo_module
 
     demo = sub.add_parser(
-        "demo", help="distillation modes beside their baselines on real digit images (about 5 min on 2 cores)",
+        "demo", help="distillation modes beside their baselines on real digit images (about 3 min, 2 cores)",
         description="A one-line kernel self-check, then students trained with and without each distillation "
                     "mode on MNIST / scikit-learn digits with pretrained teachers; prints the table and "
                     "writes results.md, results.json and demo.png. Exits non-zero if the self-check fails.")

@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     results = experiments.run_all(specs, seeds, budget, data, check_reference=args.reference_check)
     table = report.rows(specs, results)
     print()
-    print(report.plain(table, [c for c in table[0] if c != "student learns from"]))
+    columns = dict.fromkeys(c for r in table for c in r if c != "student learns from")
+    print(report.plain(table, list(columns)))
     meta = {"seeds": len(seeds), "steps": budget.steps, "batch_size": budget.batch_size, "lr": budget.lr,
             "threads": torch.get_num_threads(), "torch": info["torch"], "kdfast": info["version"],
             "cpu_capability": info.get("cpu_capability"), "seconds": round(time.perf_counter() - t0, 1)}

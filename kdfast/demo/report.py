@@ -44,16 +44,16 @@ def rows(specs: Sequence[Spec], results: dict[str, list[Outcome]]) -> list[dict[
 
 
 def markdown(table: list[dict[str, str]]) -> str:
-    cols = list(table[0])
+    cols = list(dict.fromkeys(c for r in table for c in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
-    lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in table]
+    lines += ["| " + " | ".join(r.get(c, "-") for c in cols) + " |" for r in table]
     return "\n".join(lines)
 
 
 def plain(table: list[dict[str, str]], columns: Sequence[str]) -> str:
-    widths = {c: max(len(c), *(len(r[c]) for r in table)) for c in columns}
+    widths = {c: max(len(c), *(len(r.get(c, "-")) for r in table)) for c in columns}
     head = "  ".join(c.ljust(widths[c]) for c in columns)
-    body = ["  ".join(r[c].ljust(widths[c]) for c in columns) for r in table]
+    body = ["  ".join(r.get(c, "-").ljust(widths[c]) for c in columns) for r in table]
     return "\n".join([head, "  ".join("-" * widths[c] for c in columns), *body])
 
 
