@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdfast.train import Consistency, Distiller, make_mode
-from tests.train_helpers import Net, data, loader, params_of
+from tests.train_helpers import Net, assert_identical_runs, crash_and_resume, data, loader
 
 STD = 0.3
 
@@ -250,15 +250,6 @@ def test_fit_lowers_the_loss_and_reports_agreement_with_the_ema():
 
 
 def test_resume_gives_an_identical_continuation(tmp_path):
-    class Crash(Exception):
-        pass
-
-    def crash_at(step):
-        def callback(event, distiller, logs):
-            if event == "step" and distiller.step == step:
-                raise Crash
-        return [callback]
-
     x = torch.randn(60, 12, generator=torch.Generator().manual_seed(0))
     y = torch.arange(60) % 5
     y[::3] = -100
@@ -272,15 +263,6 @@ def test_resume_gives_an_identical_continuation(tmp_path):
         d.fit(DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), resume=resume)
         return d
 
-    straight = run(tmp_path / "a")
-    with pytest.raises(Crash):
-        run(tmp_path / "b", callbacks=crash_at(6))
-    torch.manual_seed(999)
-    resumed = run(tmp_path / "b", resume=True)
-    assert resumed.step == straight.step == 16
-    for a, b in zip(params_of(straight.student) + list(straight.mode.state_dict().values()),
-                    params_of(resumed.student) + list(resumed.mode.state_dict().values())):
-        assert torch.equal(a, b)
-    assert int(resumed.mode.steps) == 16
-    losses = [(h["step"], h["loss"]) for h in straight.history if "loss" in h]
-    assert [(h["step"], h["loss"]) for h in resumed.history if "loss" in h] == losses
+    straight, resumed = crash_and_resume(tmp_path, run, 6)
+    assert straight.step == 16 and int(resumed.mode.steps) == 16
+    assert_identical_runs(straight, resumed)

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdfast.train import Distiller, Feature, Hard, MultiTeacher, Soft, Supervised
-from tests.train_helpers import ConvNet, Net, data, loader, params_of, unchanged
+from tests.train_helpers import ConvNet, Net, crash_and_resume, data, loader, params_of, unchanged
 
 
 def _distiller(mode, student, **kw):
@@ -40,16 +40,7 @@ def test_fit_lowers_the_loss_and_leaves_the_teacher(name):
 
 
 def _straight_and_resumed(tmp_path, make_mode, *, epochs=3, stop_at=11, **kw):
-    """Parameters after a straight run and after a run stopped at ``stop_at`` steps, then resumed."""
-    class Crash(Exception):
-        pass
-
-    def crash_at(step):
-        def callback(event, distiller, logs):
-            if event == "step" and distiller.step == step:
-                raise Crash
-        return [callback]
-
+    """A straight run and one crashed at ``stop_at`` steps, then resumed."""
     def run(folder, callbacks=(), resume=None):
         torch.manual_seed(123)
         student = ConvNet(4, seed=2)
@@ -60,12 +51,7 @@ def _straight_and_resumed(tmp_path, make_mode, *, epochs=3, stop_at=11, **kw):
                                        torch.arange(70) % 5), batch_size=8, shuffle=True), resume=resume)
         return d
 
-    straight = run(tmp_path / "a")
-    with pytest.raises(Crash):               # checkpoint of step stop_at - 1 on disk
-        run(tmp_path / "b", callbacks=crash_at(stop_at))
-    torch.manual_seed(999)                  # a different global state: the checkpoint must restore it
-    resumed = run(tmp_path / "b", resume=True)
-    return straight, resumed
+    return crash_and_resume(tmp_path, run, stop_at)
 
 
 @pytest.mark.parametrize("stop_at", [5, 10, 15])   # resume after steps 4, 9 (epoch 1's end), 14

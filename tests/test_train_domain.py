@@ -26,7 +26,7 @@ from kdfast.train import (
     make_mode,
     paired,
 )
-from tests.train_helpers import IN, Net, data, params_of, unchanged
+from tests.train_helpers import IN, Net, assert_identical_runs, crash_and_resume, data, params_of, unchanged
 
 
 def _kl_t2_rows(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -334,15 +334,6 @@ def test_fit_on_paired_loaders_lowers_the_distillation_loss(name):
 
 @pytest.mark.parametrize("name", ["adversarial", "cross_domain"])
 def test_resume_on_paired_loaders_gives_an_identical_continuation(tmp_path, name):
-    class Crash(Exception):
-        pass
-
-    def crash_at(step):
-        def callback(event, distiller, logs):
-            if event == "step" and distiller.step == step:
-                raise Crash
-        return [callback]
-
     teacher = Net(32, seed=1)
 
     def run(folder, callbacks=(), resume=None):
@@ -355,18 +346,10 @@ def test_resume_on_paired_loaders_gives_an_identical_continuation(tmp_path, name
         d.fit(paired(src, tgt), resume=resume)
         return d
 
-    straight = run(tmp_path / "a")
-    with pytest.raises(Crash):
-        run(tmp_path / "b", callbacks=crash_at(4))
-    torch.manual_seed(999)
-    resumed = run(tmp_path / "b", resume=True)
-    assert resumed.step == straight.step == 12
-    for a, b in zip(params_of(straight.student) + list(straight.mode.state_dict().values()),
-                    params_of(resumed.student) + list(resumed.mode.state_dict().values())):
-        assert torch.equal(a, b)
+    straight, resumed = crash_and_resume(tmp_path, run, 4)
+    assert straight.step == 12
     assert len(straight.mode.state_dict()) == (5 if name == "adversarial" else 0)
-    losses = [(h["step"], h["loss"]) for h in straight.history if "loss" in h]
-    assert [(h["step"], h["loss"]) for h in resumed.history if "loss" in h] == losses
+    assert_identical_runs(straight, resumed)
 
 
 # -- shifted domains: adaptation beats source-only training ------------------------------------

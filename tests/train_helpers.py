@@ -59,3 +59,39 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
 
 def unchanged(model: nn.Module, before: list[torch.Tensor]) -> bool:
     return all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+class Crash(Exception):
+    """Raised by :func:`crash_at` to kill a run."""
+
+
+def crash_at(step: int) -> list:
+    """Distiller callbacks that raise :class:`Crash` once the run reaches optimizer ``step``
+    (the checkpoint of the step before is on disk with ``save_every=1``)."""
+    def callback(event, distiller, logs):
+        if event == "step" and distiller.step == step:
+            raise Crash
+    return [callback]
+
+
+def crash_and_resume(tmp_path, run, step: int):
+    """``(straight, resumed)``: ``run(folder, callbacks=(), resume=None) -> Distiller`` once
+    straight, and once crashed at ``step`` then resumed from its folder (under a different
+    global random state, which the checkpoint must restore)."""
+    import pytest
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(Crash):
+        run(tmp_path / "crashed", callbacks=crash_at(step))
+    torch.manual_seed(999)
+    return straight, run(tmp_path / "crashed", resume=True)
+
+
+def assert_identical_runs(straight, resumed) -> None:
+    """Same steps, bit-identical student and mode state, and the same logged losses."""
+    assert resumed.step == straight.step
+    for a, b in zip(params_of(straight.student) + list(straight.mode.state_dict().values()),
+                    params_of(resumed.student) + list(resumed.mode.state_dict().values())):
+        assert torch.equal(a, b)
+    losses = [(h["step"], h["loss"]) for h in straight.history if "loss" in h]
+    assert [(h["step"], h["loss"]) for h in resumed.history if "loss" in h] == losses
