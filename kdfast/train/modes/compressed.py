@@ -46,7 +46,7 @@ def sparsity_of(model: nn.Module) -> float:
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
         >>> with torch.no_grad():
-        ...     net[0].weight.zero_()
+        ...     _ = net[0].weight.zero_()
         >>> kdfast.train.sparsity_of(net)                # 16 zeros of 24 weights
         0.6666666666666666
     """
