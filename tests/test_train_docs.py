@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kdfast
-import kdfast.demo.models  # noqa: F401
+import kdfast.demo.models
 import kdfast.train
 
 MODULES = sorted({"kdfast.train", "kdfast.demo.models"}
