@@ -323,7 +323,8 @@ class Distiller:
         bar = self._bar(total)
         last_ckpt: Path | None = None
         eval_metrics: dict[str, float] = {}
-        running, counted = 0.0, 0
+        running: torch.Tensor | None = None      # loss sum since the last log, on the device (no sync)
+        counted = 0
         try:
             while self.epoch < self.epochs and self.step < total:
                 skip = 0
@@ -356,25 +357,25 @@ class Distiller:
                         loss.backward()
                     micro += 1
                     pending += 1
-                    running += out.loss.detach().float().item()
+                    value = out.loss.detach().float()
+                    running = value if running is None else running + value
                     counted += 1
                     if pending == self.grad_accum:
                         self._optimizer_step()
                         pending = 0
-                        logs = self._after_step(out, running / counted, bar)
-                        if logs is not None:
-                            running, counted = 0.0, 0
-                        at = {"epoch_rng": epoch_rng, "micro": micro, "rng": capture_rng(generators)}
+                        if self._after_step(out, running, counted, bar) is not None:
+                            running, counted = None, 0
                         if self.save_every and self.step % self.save_every == 0:
-                            last_ckpt = self._checkpoint(at)
+                            last_ckpt = self._checkpoint({"epoch_rng": epoch_rng, "micro": micro,
+                                                          "rng": capture_rng(generators)})
                         if self.eval_every and self.step % self.eval_every == 0 and eval_data is not None:
                             eval_metrics = self._evaluate_and_log(eval_data)
                         if self.step >= total:
                             break
                 if pending:                              # the epoch's leftover micro-batches
                     self._optimizer_step()
-                    self._after_step(out, running / max(counted, 1), bar)
-                    running, counted = 0.0, 0
+                    if self._after_step(out, running, counted, bar) is not None:
+                        running, counted = None, 0
                 if self.step >= total and micro < _len_or(train_data, micro):
                     at = {"epoch_rng": epoch_rng, "micro": micro, "rng": capture_rng(generators)}
                     if self.checkpoint_dir:
@@ -409,12 +410,16 @@ class Distiller:
         self.mode.end_step(self.student)
         self.step += 1
 
-    def _after_step(self, out: Any, mean_loss: float, bar: Any) -> dict[str, Any] | None:
+    def _after_step(self, out: Any, running: torch.Tensor, counted: int, bar: Any) -> dict[str, Any] | None:
+        """Advance the bar; on a log step, log the mean loss since the last log (the only
+        place the loss is read back from the device) and return the logs."""
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=self.epoch + 1, refresh=False)
         if self.step % self.log_every and self.step != 1:
             return None
+        mean_loss = (running / counted).item()
+        if bar is not None:
+            bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=self.epoch + 1, refresh=False)
         logs = {"step": self.step, "epoch": self.epoch, "loss": mean_loss,
                 "lr": self.optimizer.param_groups[0]["lr"]}
         logs.update({k: float(v) for k, v in out.parts.items()})
