@@ -11,7 +11,7 @@ from torch import nn
 
 import kdfast
 from kdfast.train import Feature, Hard, MultiTeacher, Soft, Supervised, make_mode
-from tests.train_helpers import CLASSES, IN, ConvNet, Net, data, params_of, unchanged
+from tests.train_helpers import CLASSES, IN, ConvNet, Net, backward_step, data, params_of, unchanged
 
 
 def _kl_t2(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -23,13 +23,6 @@ def _kl_t2(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor
 
 def _grads(model: nn.Module) -> list[torch.Tensor | None]:
     return [p.grad for p in model.parameters()]
-
-
-def _run(mode, student, batch):
-    student.zero_grad(set_to_none=True)
-    out = mode(student, batch)
-    out.loss.backward()
-    return out
 
 
 # -- loss values against the formulas --------------------------------------------------------
@@ -172,7 +165,7 @@ def test_gradients_reach_the_student_and_the_mode_only(name):
     y = torch.randint(0, CLASSES, (12,))
     before = [params_of(t) for t in others]
     mode.prepare(student, (x, y))
-    _run(mode, student, (x, y))
+    backward_step(mode, student, (x, y))
     assert all(g is not None and g.abs().sum() > 0 for g in _grads(student))
     for t, b in zip(others, before):
         assert all(g is None for g in _grads(t)) and unchanged(t, b)
@@ -209,7 +202,7 @@ def test_kdfast_and_reference_backends_agree(name):
                 "multi_teacher": lambda b: MultiTeacher(teachers, combine="confidence", confidence="label",
                                                         backend=b)}[name](backend)
         mode.prepare(student, (x, y))
-        out = _run(mode, student, (x, y))
+        out = backward_step(mode, student, (x, y))
         results.append((out.loss.detach(), [p.grad.clone() for p in student.parameters()]))
     (l1, g1), (l2, g2) = results
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
@@ -233,7 +226,7 @@ def test_modes_work_on_sequence_logits():
     labels = ids.roll(-1, 1)
     labels[:, -1] = -100
     for mode in (Soft(teacher, alpha=0.2), Hard(teacher), MultiTeacher([teacher, Seq(3)])):
-        out = _run(mode, student, {"inputs": ids, "labels": labels})
+        out = backward_step(mode, student, {"inputs": ids, "labels": labels})
         assert out.loss.isfinite() and out.logits.shape == (3, 7, 20)
 
 

@@ -13,7 +13,7 @@ import kdfast
 from kdfast.cache import CachedDataset, Dense, Feature, Sampled, TeacherCache, TopK
 from kdfast.train import Distiller, Offline, Soft, make_mode
 from tests.cache_helpers import TinyLM, pad_collate, token_dataset
-from tests.train_helpers import CLASSES, Net, data, params_of, unchanged
+from tests.train_helpers import CLASSES, Net, backward_step, data, params_of, unchanged
 
 T = 2.0
 STORAGES = {"topk": TopK(k=3, dtype=torch.float32), "topk_full": TopK(k=CLASSES, dtype=torch.float32),
@@ -41,13 +41,6 @@ def _batch(setup, name, n=24):
     return ds.collate([ds[i] for i in range(n)])
 
 
-def _run(mode, student, batch):
-    student.zero_grad(set_to_none=True)
-    out = mode(student, batch)
-    out.loss.backward()
-    return out
-
-
 # -- the loss --------------------------------------------------------------------------------
 
 
@@ -61,9 +54,9 @@ def test_equals_the_soft_mode_with_the_live_teacher(setup, name, tail, alpha):
     x, y, tb = _batch(setup, name)
     for labels in (y.clamp_min(0), y):         # every row labelled (one fused call); some not
         student = Net(seed=2)
-        offline = _run(Offline(alpha=alpha, tail=tail), student, (x, labels, tb))
+        offline = backward_step(Offline(alpha=alpha, tail=tail), student, (x, labels, tb))
         g_offline = [p.grad.clone() for p in student.parameters()]
-        soft = _run(Soft(teacher, temperature=T, alpha=alpha), student, (x, labels))
+        soft = backward_step(Soft(teacher, temperature=T, alpha=alpha), student, (x, labels))
         torch.testing.assert_close(offline.loss, soft.loss, rtol=1e-5, atol=1e-6)
         for a, b in zip(g_offline, (p.grad for p in student.parameters())):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -122,7 +115,7 @@ def test_kdfast_and_reference_backends_agree(setup, name):
         mode = Offline(alpha=0.3, tail="residual", feature_pairs={"body": "hidden"}, backend=backend)
         torch.manual_seed(4)
         mode.prepare(student, (x, y, tb))
-        out = _run(mode, student, (x, y, tb))
+        out = backward_step(mode, student, (x, y, tb))
         results.append((out.loss.detach(), [p.grad.clone() for p in student.parameters()],
                         [p.grad.clone() for p in mode.parameters()]))
     (l1, g1, a1), (l2, g2, a2) = results
@@ -209,7 +202,7 @@ def test_gradients_reach_the_student_and_the_regressor_only(setup):
     student = Net(seed=2)
     mode = Offline(feature_pairs={"body": "hidden"})
     mode.prepare(student, (x, y, tb))
-    _run(mode, student, (x, y, tb))
+    backward_step(mode, student, (x, y, tb))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     own = list(mode.trainable_parameters())
     assert len(own) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in own)

@@ -53,6 +53,14 @@ def loader(n: int = 96, batch_size: int = 16, seed: int = 0, shuffle: bool = Tru
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
 
 
+def backward_step(mode, student: nn.Module, batch):
+    """One forward of ``mode`` on ``batch`` and its backward into fresh gradients."""
+    student.zero_grad(set_to_none=True)
+    out = mode(student, batch)
+    out.loss.backward()
+    return out
+
+
 def params_of(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 

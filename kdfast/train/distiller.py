@@ -172,6 +172,8 @@ class Distiller:
         self.epoch = 0                     # current epoch (0-based)
         self.history: list[dict[str, Any]] = []
         self._prepared = False
+        self._params: list[nn.Parameter] = []
+        self._inferred_classes: int | None = None
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -185,8 +187,9 @@ class Distiller:
         return params
 
     def _build_optimizer(self, total_steps: int) -> None:
+        self._params = self.parameters()           # fixed from here on (clipping reuses it)
         decay, no_decay = [], []
-        for p in self.parameters():
+        for p in self._params:
             (decay if p.dim() >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
@@ -398,7 +401,7 @@ class Distiller:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -468,7 +471,7 @@ class Distiller:
         """
         if teacher is True:
             teacher = self.mode.eval_teacher()
-        num_classes = self.num_classes
+        num_classes = self.num_classes or self._inferred_classes
         if num_classes is None:
             first = next(iter(data), None)
             if first is None:
@@ -479,6 +482,7 @@ class Distiller:
             with torch.inference_mode(), self._autocast():
                 num_classes = self.mode.logits(self.student, inputs).shape[-1]
             self.student.train(was)
+            self._inferred_classes = num_classes    # probed once, not on every evaluation
         topk = (5,) if num_classes > 5 else ()
         with self._autocast():
             return _metrics.evaluate(self.student, data, num_classes=num_classes, device=self.device,
