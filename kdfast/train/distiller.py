@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdfast.train import distributed as _dist
 from kdfast.train import metrics as _metrics
 from kdfast.train._batch import move_to, paired, unpack
 from kdfast.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -100,10 +101,26 @@ class Distiller:
         checkpoint_dir: folder for ``last.pt`` (written atomically) and ``log.jsonl``.
         save_every: also checkpoint every this many optimizer steps (default: epoch ends).
         log_every: log the running loss every this many optimizer steps.
-        progress: show a ``tqdm`` progress bar.
+        progress: show a ``tqdm`` progress bar (rank 0 only; a plain log line every
+            ``log_every`` steps when tqdm is not installed).
         callbacks: ``callback(event, distiller, logs)`` for ``event`` in ``"step"``,
-            ``"eval"``, ``"epoch"``.
+            ``"eval"``, ``"epoch"`` (on every process, with the same logs).
+        shard_data: under ``torchrun`` (a ``torch.distributed`` group of more than one
+            process) the training and evaluation ``DataLoader`` s are re-built over this
+            process's shard (see :func:`kdfast.train.distributed.shard_loader`; their
+            ``batch_size`` is per process). ``None`` (default): only then; ``True``: also
+            in a single process, whose sequence of batches is then the global batches of
+            any world size; ``False``: never (the data given is already per process).
+        data_seed: seed of the distributed sampler's shuffle (with the epoch number).
         mode_options: keyword arguments of the mode when ``mode`` is a name.
+
+    Distributed training (``torchrun --nproc_per_node=N``, after
+    :func:`kdfast.train.distributed.init_distributed`): every process starts from rank 0's
+    weights, gradients are averaged once per optimizer step, so a step equals a single
+    process's step on the global batch; only rank 0 writes checkpoints, logs and the
+    progress bar; logged losses and evaluation metrics are reduced over the processes.
+    A checkpoint resumes under another world size too (with the same global batch, or
+    any batch at an epoch boundary).
 
     Example::
 
@@ -126,7 +143,8 @@ class Distiller:
                  device: torch.device | str | None = None, num_classes: int | None = None,
                  eval_every: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
                  save_every: int | None = None, log_every: int = 10, progress: bool = True,
-                 callbacks: Sequence[Callback] = (), **mode_options: Any) -> None:
+                 callbacks: Sequence[Callback] = (), shard_data: bool | None = None, data_seed: int = 0,
+                 **mode_options: Any) -> None:
         if not isinstance(student, nn.Module):
             raise TypeError(f"Distiller: student must be an nn.Module, got {type(student).__name__}")
         if isinstance(mode, str):
@@ -165,6 +183,10 @@ class Distiller:
         self.log_every = _count("log_every", log_every)
         self.progress = progress
         self.callbacks = list(callbacks)
+        if shard_data not in (None, True, False):
+            raise ValueError(f"Distiller: shard_data must be None, True or False, got {shard_data!r}")
+        self.shard_data = shard_data
+        self.data_seed = _count("data_seed", data_seed, allow_zero=True)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.scaler: torch.amp.GradScaler | None = None
@@ -174,6 +196,8 @@ class Distiller:
         self._prepared = False
         self._params: list[nn.Parameter] = []
         self._inferred_classes: int | None = None
+        self._local_batch: int | None = None
+        self._plain_progress = False
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -240,10 +264,17 @@ class Distiller:
             self.mode.prepare(self.student, first)
         self.student.train(was_training)
         restore_rng(rng, generators)
+        _dist.broadcast_modules([self.student, self.mode])     # every process starts from rank 0's
         if total_steps is None:
             total_steps = self._total_steps(train_data)
         self._build_optimizer(total_steps)
         self._prepared = True
+
+    def shard(self, data: Iterable, *, train: bool = True) -> Iterable:
+        """``data`` as this process sees it (see ``shard_data``); ``fit`` calls this itself."""
+        if self.shard_data is False or (self.shard_data is None and not _dist.is_distributed()):
+            return data
+        return _dist.shard_loader(data, train=train, seed=self.data_seed)
 
     def _total_steps(self, train_data: Iterable) -> int:
         try:
@@ -291,8 +322,35 @@ class Distiller:
         self.history = list(state["history"])
 
     def save(self, path: str | os.PathLike, *, position: dict[str, Any] | None = None) -> Path:
-        """Write a checkpoint to ``path`` atomically (``fit`` calls this itself)."""
-        return save_checkpoint(path, {**self.state_dict(), "position": position})
+        """Write a checkpoint to ``path`` atomically (``fit`` calls this itself; under
+        ``torch.distributed`` only rank 0 writes, the others return the path)."""
+        path = Path(path)
+        if _dist.is_main_process():
+            save_checkpoint(path, {**self.state_dict(), "position": position})
+        return path
+
+    def _resume_position(self, position: dict[str, Any] | None, train_data: Iterable
+                         ) -> tuple[dict[str, Any] | None, bool]:
+        """This process's part of a checkpoint's data position, and whether the loaders'
+        own generator states apply (only under the world size that wrote it)."""
+        if position is None:
+            return None, True
+        world, me = _dist.world_size(), _dist.rank()
+        saved_world, local = position.get("world", 1), _dist.local_batch_size(train_data)
+        ranks = position.get("ranks") or [position]
+        if saved_world == world and len(ranks) == world and position.get("batch") in (None, local):
+            return dict(ranks[me]), True
+        mine = dict(ranks[0])          # rank 0's random state; the loaders' order is the sampler's
+        if "micro" in mine:
+            samples = position.get("samples")
+            if samples is None or local is None or samples % (local * world):
+                raise ValueError(
+                    f"Distiller: this checkpoint stopped inside an epoch after {samples} samples with "
+                    f"{saved_world} process(es); resuming with {world} process(es) of batch size {local} "
+                    "needs a global batch that divides it (keep batch_size x world_size the same) and "
+                    "DataLoaders")
+            mine["micro"] = samples // (local * world)
+        return mine, False
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -311,9 +369,12 @@ class Distiller:
             :class:`FitResult`.
         """
         start = time.perf_counter()
+        train_data = self.shard(train_data, train=True)
+        if eval_data is not None:
+            eval_data = self.shard(eval_data, train=False)
         total = self._total_steps(train_data)
         self.prepare(train_data, total)
-        position = None
+        position, same_world = None, True
         if resume:
             path = self.checkpoint_dir / "last.pt" if resume is True and self.checkpoint_dir else resume
             if resume is True and (path is None or not Path(path).is_file()):
@@ -321,8 +382,11 @@ class Distiller:
             if path is not None:
                 payload = load_checkpoint(path, map_location=self.device)
                 self.load_state_dict(payload)
-                position = payload.get("position")
+                position, same_world = self._resume_position(payload.get("position"), train_data)
         generators = _loader_generators(train_data)
+        restore = (lambda state: restore_rng(state, generators)) if same_world else \
+            (lambda state: restore_rng({**state, "generators": []}))
+        self._local_batch = _dist.local_batch_size(train_data)
         bar = self._bar(total)
         last_ckpt: Path | None = None
         eval_metrics: dict[str, float] = {}
@@ -331,12 +395,13 @@ class Distiller:
         try:
             while self.epoch < self.epochs and self.step < total:
                 skip = 0
+                _dist.set_epoch(train_data, self.epoch)
                 if position is not None and "epoch_rng" in position:   # resuming inside this epoch
-                    restore_rng(position["epoch_rng"], generators)
-                    epoch_rng, skip = position["epoch_rng"], position["micro"]
+                    restore(position["epoch_rng"])
+                    epoch_rng, skip = capture_rng(generators), position["micro"]
                 else:
                     if position is not None:              # resuming at an epoch boundary
-                        restore_rng(position["rng"], generators)
+                        restore(position["rng"])
                         position = None
                     epoch_rng = capture_rng(generators)
                 self.student.train()
@@ -347,7 +412,7 @@ class Distiller:
                     next(iterator)
                     micro += 1
                 if position is not None:
-                    restore_rng(position["rng"], generators)
+                    restore(position["rng"])
                     position = None
                 for batch in iterator:
                     batch = move_to(batch, self.device, non_blocking=True)
@@ -398,6 +463,7 @@ class Distiller:
         return FitResult(eval_metrics, list(self.history), self.step, time.perf_counter() - start, last_ckpt)
 
     def _optimizer_step(self) -> None:
+        _dist.all_reduce_gradients(self._params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
@@ -420,12 +486,20 @@ class Distiller:
             bar.update(1)
         if self.step % self.log_every and self.step != 1:
             return None
-        mean_loss = (running / counted).item()
+        local = {"loss": (running / counted).item(), **{k: float(v) for k, v in out.parts.items()}}
+        if _dist.is_distributed():             # the mean over the processes of each logged value
+            gathered = _dist.all_gather_objects(local)
+            local = {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered)
+                     for k in dict.fromkeys(k for g in gathered for k in g)}
+        mean_loss = local.pop("loss")
         if bar is not None:
             bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=self.epoch + 1, refresh=False)
+        elif self.progress and _dist.is_main_process() and self._plain_progress:
+            print(f"{self.mode.name}: step {self.step} epoch {self.epoch + 1} loss {mean_loss:.4f}",
+                  flush=True)
         logs = {"step": self.step, "epoch": self.epoch, "loss": mean_loss,
                 "lr": self.optimizer.param_groups[0]["lr"]}
-        logs.update({k: float(v) for k, v in out.parts.items()})
+        logs.update(local)
         self._log(logs)
         self._emit("step", logs)
         return logs
@@ -437,11 +511,19 @@ class Distiller:
         return result
 
     def _checkpoint(self, position: dict[str, Any] | None) -> Path:
+        position = dict(position or {})
+        world = _dist.world_size()
+        samples = None
+        if "micro" in position and self._local_batch is not None:
+            samples = position["micro"] * self._local_batch * world
+        if world > 1:                       # every process's random state, for a same-size resume
+            position = {"ranks": _dist.all_gather_objects(position)}
+        position.update(world=world, batch=self._local_batch, samples=samples)
         return self.save(self.checkpoint_dir / "last.pt", position=position)
 
     def _log(self, logs: dict[str, Any]) -> None:
         self.history.append(logs)
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and _dist.is_main_process():
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             with open(self.checkpoint_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(logs) + "\n")
@@ -451,10 +533,14 @@ class Distiller:
             cb(event, self, logs)
 
     def _bar(self, total: int):
-        if not self.progress:
+        self._plain_progress = False
+        if not self.progress or not _dist.is_main_process():
             return None
-        from tqdm.auto import tqdm
-
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:                  # tqdm is optional: plain lines on log steps instead
+            self._plain_progress = True
+            return None
         return tqdm(total=total, initial=self.step, desc=f"{self.mode.name}", unit="step",
                     dynamic_ncols=True, leave=False)
 
@@ -486,7 +572,8 @@ class Distiller:
         topk = (5,) if num_classes > 5 else ()
         with self._autocast():
             return _metrics.evaluate(self.student, data, num_classes=num_classes, device=self.device,
-                                     teacher=teacher or None, forward=self.mode.logits, topk=topk)
+                                     teacher=teacher or None, forward=self.mode.logits, topk=topk,
+                                     sync=_dist.is_distributed())
 
     def close(self) -> None:
         """Release the mode's hooks (the student is left as trained)."""

@@ -536,6 +536,41 @@ class MetricTracker:
         if teacher_logits is not None:
             self._add("agree", agree)
 
+    def all_reduce(self) -> None:
+        """Sum the totals over the processes of the ``torch.distributed`` group, in place, so
+        that :meth:`compute` gives the metrics of every process's batches together (each
+        process evaluating its own shard). One collective; a no-op without a group. Call it
+        on every process, also on those that saw no batch."""
+        from kdfast.train import distributed
+
+        if not distributed.is_distributed():
+            return
+        import torch.distributed as dist
+
+        c, k, b = self.num_classes, len(self.topk), self.n_bins
+        layout = (("counts", (3, c), torch.long), ("topk", (k,), torch.long),
+                  ("bins", (3, b), torch.float64), ("nll", (), torch.float64), ("agree", (2,), torch.long))
+        device = next((v.device for v in self._sums.values()), torch.device("cpu"))
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flags = torch.tensor([float("counts" in self._sums), float("agree" in self._sums)],
+                             dtype=torch.float64)
+        parts = [flags.to(device)]
+        for name, shape, _ in layout:
+            value = self._sums.get(name)
+            value = torch.zeros(shape, dtype=torch.float64) if value is None else value
+            parts.append(value.to(device=device, dtype=torch.float64).reshape(-1))
+        flat = torch.cat(parts)
+        dist.all_reduce(flat)                 # float64 counts are exact below 2**53
+        offset, sums = 2, {}
+        for name, shape, dtype in layout:
+            n = math.prod(shape)
+            sums[name] = flat[offset:offset + n].reshape(shape).to(dtype)
+            offset += n
+        present = {"counts": flat[0] > 0, "topk": flat[0] > 0, "bins": flat[0] > 0, "nll": flat[0] > 0,
+                   "agree": flat[1] > 0}
+        self._sums = {name: value for name, value in sums.items() if bool(present[name])}
+
     def compute(self) -> dict[str, float]:
         """The metrics of all batches since the last :meth:`reset`.
 
@@ -607,7 +642,7 @@ def _logits_of(output: Any, arg: str, fn: str) -> torch.Tensor:
 def evaluate(model: nn.Module, loader: Iterable[Any], *, num_classes: int,
              device: torch.device | str | None = None, teacher: nn.Module | None = None,
              forward: Callable[[nn.Module, Any], Any] | None = None,
-             topk: int | Sequence[int] = (5,)) -> dict[str, float]:
+             topk: int | Sequence[int] = (5,), sync: bool = False) -> dict[str, float]:
     """Runs ``model`` (and ``teacher``) over ``loader`` in eval mode and returns the metrics.
 
     Runs under ``torch.inference_mode()`` with every module of ``model`` and ``teacher`` in
@@ -626,6 +661,9 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, num_classes: int,
         forward: ``forward(model, inputs) -> logits`` (or an object with ``.logits``);
             default ``model(**inputs)`` for dict inputs, else ``model(inputs)``.
         topk: the k of each ``top{k}_accuracy``.
+        sync: under ``torch.distributed``, each process evaluates its own shard of the
+            data and the totals are summed over the processes before the metrics are
+            computed (:meth:`MetricTracker.all_reduce`); every process gets the result.
 
     Returns:
         :meth:`MetricTracker.compute` over all batches.
@@ -675,7 +713,11 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, num_classes: int,
     finally:
         for module, training in modes:
             module.training = training
-    if batches == 0:
+    if sync:
+        tracker.all_reduce()
+        if not tracker.compute():
+            raise ValueError(f"{fn}: the loaders of all processes yielded no batches")
+    elif batches == 0:
         raise ValueError(f"{fn}: loader yielded no batches")
     return tracker.compute()
 
