@@ -217,9 +217,10 @@ def _float(value: Any, path: str, *, low: float = 0.0, open_low: bool = False, h
         bad = value <= low if open_low else value < low
         bad |= high is not None and value > high
     if bad:
-        bound = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        bound = "" if low == -math.inf else f" {'>' if open_low else '>='} {low:g}"
+        bound += f" and <= {high:g}" if high is not None else ""
         extra = " or null" if optional else ""
-        raise ConfigError(f"{path}: must be a number {bound}{extra}, got {_fmt(value)}")
+        raise ConfigError(f"{path}: must be a number{bound}{extra}, got {_fmt(value)}")
     return float(value)
 
 
@@ -245,7 +246,7 @@ def _choice(value: Any, path: str, choices: Sequence[Any], *, import_path: bool 
     close = difflib.get_close_matches(str(value), [str(c) for c in choices if c is not None], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     extra = " or an import path 'package.module:attr'" if import_path else ""
-    raise ConfigError(f"{path}: must be one of {shown}{extra}{hint}, got {_fmt(value)}")
+    raise ConfigError(f"{path}: must be one of {shown}{extra}, got {_fmt(value)}{hint}")
 
 
 def import_object(spec: str, path: str) -> Any:
@@ -449,16 +450,18 @@ def _model_spec(value: Any, path: str, *, default_seed: int) -> dict[str, Any]:
     if spec["seed"] is None:
         spec["seed"] = default_seed
     if spec["model"] in MODELS:
-        _check_names(MODELS[spec["model"]][0], spec["options"], f"{path}.options")
+        _check_names(MODELS[spec["model"]][0], spec["options"], f"{path}.options",
+                     f"model {spec['model']!r}")
     return {k: spec[k] for k in MODEL_KEYS}
 
 
-def _check_names(fn: Callable[..., Any], options: Mapping[str, Any], path: str) -> None:
+def _check_names(fn: Callable[..., Any], options: Mapping[str, Any], path: str, what: str) -> None:
     sig = inspect.signature(fn)
-    names = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [n for n, p in sig.parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "seed"]
     for key in options:
         if key not in names:
-            raise _unknown(path, key, names, f"unknown option of {getattr(fn, '__name__', fn)}")
+            raise _unknown(path, key, names, f"unknown option of {what}")
 
 
 def _split(value: Any, path: str) -> list[int] | None:
@@ -483,9 +486,10 @@ def _data_source(value: Any, path: str, keys: Sequence[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}.options: must be a mapping of keyword arguments, got {_fmt(options)}")
     data["options"] = dict(options)
     if data["dataset"] in DATASETS:
-        _check_names(DATASETS[data["dataset"]][0], {**data["options"], "seed": 0}, f"{path}.options")
         if "seed" in data["options"]:
             raise ConfigError(f"{path}.options.seed: give the shuffle seed as {path}.seed")
+        _check_names(DATASETS[data["dataset"]][0], data["options"], f"{path}.options",
+                     f"dataset {data['dataset']!r}")
     data["seed"] = _int(data.get("seed", 0), f"{path}.seed")
     for key in SPLIT_KEYS:
         data[key] = _split(data.get(key), f"{path}.{key}")
@@ -1141,12 +1145,11 @@ def run(config: Mapping[str, Any], *, resume: bool | None = None, dry_run: bool 
         resume = cfg["train"]["resume"] if resume is None else resume
         cfg["train"]["resume"] = bool(resume)
         out = Path(cfg["output"]["dir"])
-        if not dry_run:
-            _prepare_output(cfg, bool(resume))
         t0 = time.perf_counter()
-        built = build(cfg, log=log)
+        built = build(cfg, log=log)            # every value checked before the output folder is touched
         if dry_run:
             return _dry_run(built, log)
+        _prepare_output(cfg, bool(resume))
         if main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(dump(cfg, "json"))
@@ -1167,9 +1170,15 @@ def run(config: Mapping[str, Any], *, resume: bool | None = None, dry_run: bool 
                        "first_loss": losses[0] if losses else None,
                        "last_loss": losses[-1] if losses else None,
                        "metrics": result.metrics, "output": str(out)}
+        final = built.student
+        if hasattr(built.mode, "finalize"):           # compressed: the pruning made permanent
+            from kdfast.train import sparsity_of
+
+            final = built.mode.finalize(built.student)
+            summary["sparsity"] = round(float(sparsity_of(final)), 4)
         if main:
             if cfg["output"]["save_student"]:
-                torch.save(built.student.state_dict(), out / "student.pt")
+                torch.save(final.state_dict(), out / "student.pt")
             (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
             log(summary_table(summary))
         distributed.barrier()
@@ -1226,8 +1235,10 @@ def _run_lifelong(built: Run, log: Callable[[str], None]) -> dict[str, Any]:
     metrics = {f"accuracy/{names[j]}": float(result.accuracy[-1][j]) for j in range(len(names))}
     metrics["average_accuracy"] = float(result.average_accuracy())
     metrics.update({f"forgetting/{names[j]}": float(v) for j, v in enumerate(result.forgetting())})
-    return {"mode": "lifelong", "steps": None, "seconds": round(time.perf_counter() - t0, 3),
-            "first_loss": None, "last_loss": None, "metrics": metrics,
+    losses = [h["loss"] for fit in result.fits for h in fit.history if "loss" in h]
+    return {"mode": "lifelong", "steps": sum(fit.steps for fit in result.fits),
+            "seconds": round(time.perf_counter() - t0, 3), "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "metrics": metrics,
             "accuracy_matrix": [[float(v) for v in row] for row in result.accuracy],
             "output": cfg["output"]["dir"]}
 
