@@ -371,3 +371,43 @@ def test_subprocess_with_import_paths(tmp_path, monkeypatch, capsys):
     assert distill("--config", "run.json", "--set", "student.options.in_feature=64") == 2
     assert "student.options.in_feature: unknown option of Linear (did you mean 'in_features'?)" \
         in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_two_processes_rank_zero_writes(tmp_path):
+    cfg = {"seed": 0, "student": {"model": "linear", "options": {"in_features": 784}},
+           "teacher": {"model": "mlp", "options": {"hidden": [32]}},
+           "data": {"dataset": "digits", "test": [0, 200], "labelled": [200, 800], "batch_size": 32},
+           "mode": {"name": "soft", "temperature": 2.0},
+           "train": {"max_steps": 3, "progress": False, "log_every": 1}, "output": {"dir": "out"}}
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", "-m", "kdfast", "distill",
+                           "--config", "run.json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("eval/accuracy") == 1                  # only rank 0 prints the summary
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert summary["steps"] == 3 and summary["world_size"] == 2      # the process group was started
+    assert (tmp_path / "out" / "student.pt").is_file() and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_resolve_is_idempotent_and_dry_run_writes_nothing(tmp_path, capsys):
+    for name in EXAMPLES:
+        once = C.resolve(example(name))
+        assert C.resolve(once) == once, name
+        assert json.loads(json.dumps(once)) == once                    # plain JSON values
+    assert distill("--config", CONFIGS / "feature.yaml", "--dry-run",
+                   "--set", f"output.dir={tmp_path / 'x'}") == 0
+    printed = capsys.readouterr().out
+    assert "dry run" in printed and "student_parameters  9098" in printed
+    assert not (tmp_path / "x").exists()

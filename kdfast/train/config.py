@@ -1170,6 +1170,8 @@ def run(config: Mapping[str, Any], *, resume: bool | None = None, dry_run: bool 
                        "first_loss": losses[0] if losses else None,
                        "last_loss": losses[-1] if losses else None,
                        "metrics": result.metrics, "output": str(out)}
+        if distributed.is_distributed():
+            summary["world_size"] = distributed.world_size()
         final = built.student
         if hasattr(built.mode, "finalize"):           # compressed: the pruning made permanent
             from kdfast.train import sparsity_of
