@@ -411,3 +411,20 @@ def test_resolve_is_idempotent_and_dry_run_writes_nothing(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "dry run" in printed and "student_parameters  9098" in printed
     assert not (tmp_path / "x").exists()
+
+
+def test_seeds_of_student_and_peers():
+    from kdfast.demo.models import ConvStudent
+
+    def weights(model):
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    torch.manual_seed(5)
+    expected = weights(ConvStudent())
+    run = C.build(C.apply_overrides(example("online"), ["seed=5"]))
+    assert torch.equal(weights(run.student), expected)                  # student.seed null: the top seed
+    torch.manual_seed(1000)
+    assert torch.equal(weights(run.mode.peers[0]), weights(ConvStudent()))   # peers: their own seed
+    run = C.build(C.apply_overrides(example("online"), ["seed=5", "student.seed=7"]))
+    torch.manual_seed(7)
+    assert torch.equal(weights(run.student), weights(ConvStudent()))

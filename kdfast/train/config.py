@@ -202,7 +202,8 @@ def _int(value: Any, path: str, *, low: int = 0, optional: bool = False) -> int 
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         extra = " or null" if optional else ""
-        raise ConfigError(f"{path}: must be an int >= {low}{extra}, got {_fmt(value)}")
+        bound = f" >= {low}" if low > -(2 ** 31) else ""
+        raise ConfigError(f"{path}: must be an int{bound}{extra}, got {_fmt(value)}")
     return value
 
 
@@ -433,7 +434,7 @@ _CALLABLE_OPTIONS = ("perturb",)
 DOMAIN_MODES = ("cross_domain", "adversarial")
 
 
-def _model_spec(value: Any, path: str, *, default_seed: int) -> dict[str, Any]:
+def _model_spec(value: Any, path: str) -> dict[str, Any]:
     if isinstance(value, str):
         value = {"model": value}
     spec = _section(value, path, MODEL_KEYS)
@@ -446,9 +447,7 @@ def _model_spec(value: Any, path: str, *, default_seed: int) -> dict[str, Any]:
         raise ConfigError(f"{path}.options: must be a mapping of keyword arguments, got {_fmt(options)}")
     spec["options"] = dict(options)
     spec["checkpoint"] = _str(spec.get("checkpoint"), f"{path}.checkpoint", optional=True)
-    spec["seed"] = _int(spec.get("seed", default_seed), f"{path}.seed", optional=True)
-    if spec["seed"] is None:
-        spec["seed"] = default_seed
+    spec["seed"] = _int(spec.get("seed"), f"{path}.seed", optional=True)    # null: the top-level seed
     if spec["model"] in MODELS:
         _check_names(MODELS[spec["model"]][0], spec["options"], f"{path}.options",
                      f"model {spec['model']!r}")
@@ -615,8 +614,8 @@ def _check_option(mode: str, key: str, value: Any, param: inspect.Parameter, see
         if isinstance(value, list):
             if not value:
                 raise ConfigError(f"{path}: must name at least one model")
-            return [_model_spec(v, f"{path}[{i}]", default_seed=seed) for i, v in enumerate(value)]
-        return _model_spec(value, path, default_seed=seed)
+            return [_model_spec(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return _model_spec(value, path)
     if key in _CALLABLE_OPTIONS and value is not None:
         if not isinstance(value, str) or ":" not in value:
             raise ConfigError(f"{path}: must be an import path 'package.module:callable' or null, "
@@ -710,16 +709,16 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
     name = mode["name"]
     if "student" not in top:
         raise ConfigError(f"student: missing; give student.model ({', '.join(MODELS)} or an import path)")
-    out: dict[str, Any] = {"seed": seed, "student": _model_spec(top["student"], "student", default_seed=seed)}
+    out: dict[str, Any] = {"seed": seed, "student": _model_spec(top["student"], "student")}
     if top.get("teacher") is not None and top.get("teachers") is not None:
         raise ConfigError("teachers: give teacher (one model) or teachers (a list), not both")
     teachers = top.get("teachers")
     if teachers is not None:
         if not isinstance(teachers, list) or not teachers:
             raise ConfigError(f"teachers: must be a non-empty list of models, got {_fmt(teachers)}")
-        teachers = [_model_spec(t, f"teachers[{i}]", default_seed=seed) for i, t in enumerate(teachers)]
+        teachers = [_model_spec(t, f"teachers[{i}]") for i, t in enumerate(teachers)]
     elif top.get("teacher") is not None:
-        teachers = [_model_spec(top["teacher"], "teacher", default_seed=seed)]
+        teachers = [_model_spec(top["teacher"], "teacher")]
     needs = "teacher" in inspect.signature(_mode_class(name).__init__).parameters \
         or "teachers" in inspect.signature(_mode_class(name).__init__).parameters
     if name == "offline":
@@ -755,9 +754,18 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
 # -- building ---------------------------------------------------------------------------------
 
 
-def build_model(spec: Mapping[str, Any], path: str) -> nn.Module:
-    """The model of a resolved model spec: seeded, built, its checkpoint loaded."""
-    torch.manual_seed(spec["seed"])
+def build_model(spec: Mapping[str, Any], path: str, seed: int = 0) -> nn.Module:
+    """The model of a resolved model spec (``{model, options, checkpoint, seed}``): the
+    torch seed set (``spec["seed"]``, else ``seed``), the model built, its checkpoint
+    (a ``state_dict`` file or a Distiller checkpoint) loaded.
+
+    Example::
+
+        >>> build_model({"model": "linear", "options": {"in_features": 64}, "checkpoint": None,
+        ...              "seed": 3}, "student")(torch.rand(2, 64)).shape
+        torch.Size([2, 10])
+    """
+    torch.manual_seed(seed if spec["seed"] is None else spec["seed"])
     name = spec["model"]
     if name in MODELS:
         factory = MODELS[name][0]
@@ -905,7 +913,7 @@ def build(config: Mapping[str, Any], *, log: Callable[[str], None] = print) -> R
     test = _rows(base, d, "test", "data")
     teacher_specs = cfg.get("teachers") or ([cfg["teacher"]] if cfg.get("teacher") else [])
     key = "teachers" if "teachers" in cfg else "teacher"
-    teachers = [build_model(s, key if key == "teacher" else f"teachers[{i}]")
+    teachers = [build_model(s, key if key == "teacher" else f"teachers[{i}]", seed)
                 for i, s in enumerate(teacher_specs)]
     if m["name"] == "lifelong":
         return _build_lifelong(cfg, base, test)
@@ -927,9 +935,9 @@ def build(config: Mapping[str, Any], *, log: Callable[[str], None] = print) -> R
     options = {k: v for k, v in m.items() if k != "name"}
     for opt in _MODEL_OPTIONS:
         if isinstance(options.get(opt), Mapping):
-            options[opt] = build_model(options[opt], f"mode.{opt}")
+            options[opt] = build_model(options[opt], f"mode.{opt}", seed)
         elif isinstance(options.get(opt), list):
-            options[opt] = [build_model(s, f"mode.{opt}[{i}]") for i, s in enumerate(options[opt])]
+            options[opt] = [build_model(s, f"mode.{opt}[{i}]", seed) for i, s in enumerate(options[opt])]
     for opt in _CALLABLE_OPTIONS:
         if isinstance(options.get(opt), str):
             options[opt] = import_object(options[opt], f"mode.{opt}")
@@ -939,7 +947,7 @@ def build(config: Mapping[str, Any], *, log: Callable[[str], None] = print) -> R
     if m["name"] == "offline":
         options.pop("teacher", None)
     mode = _make_mode(m["name"], options)
-    student = build_model(cfg["student"], "student")
+    student = build_model(cfg["student"], "student", seed)
     distiller = _call(Distiller, dict(
         student=student, mode=mode, optimizer=_optimizer_spec(cfg["optimizer"]), lr=cfg["optimizer"]["lr"],
         weight_decay=cfg["optimizer"]["weight_decay"], scheduler=cfg["schedule"]["name"],
@@ -1033,7 +1041,7 @@ def _build_lifelong(cfg: dict[str, Any], base: Any, test: _Rows | None) -> Run:
     d = cfg["data"]
     if test is None:
         raise ConfigError("data.test: the 'lifelong' mode evaluates every task on the test rows; give them")
-    student = build_model(cfg["student"], "student")
+    student = build_model(cfg["student"], "student", cfg["seed"])
     if not isinstance(student, MultiHeadNet):
         raise ConfigError(f"student.model: the 'lifelong' mode needs a MultiHeadNet (e.g. multi_head_conv), "
                           f"got {type(student).__name__}")
