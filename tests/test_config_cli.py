@@ -21,6 +21,7 @@ CONFIGS = ROOT / "examples" / "configs"
 EXAMPLES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 QUICK = ["--set", "train.max_steps=2", "--set", "train.progress=false", "--set", "data.eval_batch_size=1000"]
 
+pytest.importorskip("yaml", reason="the example configs are YAML (pip install 'kdfast[yaml]')")
 pytestmark = pytest.mark.filterwarnings("ignore:kdfast. the compiled extension")
 
 
@@ -247,6 +248,9 @@ BAD = [
     (["teacher.checkpoint=/nonexistent/t.pt"], "teacher.checkpoint: no such file '/nonexistent/t.pt'"),
     (["mode.name=multi_teacher"], "teachers: the 'multi_teacher' mode needs a list of at least two teachers"),
     (['mode={"name": "consistency"}'], "teacher: the 'consistency' mode uses no teacher"),
+    (['mode={"name": "lifelong"}', "teacher=null"], "data.tasks: the 'lifelong' mode learns a sequence"),
+    (['mode={"name": "offline"}', "data.cache.storage=top"], "data.cache.storage: must be one of topk"),
+    (["data.cache.k=4"], "data.cache: only the 'offline' mode reads a teacher cache, not 'soft'"),
     (['data.target={"dataset": "digits", "unlabelled": [0, 100]}'], "data.target: only the domain modes"),
     (["mode.name=cross_domain"],
      "data.target: the 'cross_domain' mode trains on a source and a target domain"),
@@ -275,6 +279,8 @@ def test_bad_files(tmp_path, capsys):
     (tmp_path / "list.json").write_text("[1, 2]")
     assert distill("--config", tmp_path / "list.json") == 2
     assert "the top level" in capsys.readouterr().err
+    assert distill("--config", CONFIGS / "lifelong.yaml", "--resume", "--dry-run") == 2
+    assert "train.resume: the 'lifelong' mode does not resume" in capsys.readouterr().err
     with pytest.raises(C.ConfigError, match="student: missing"):
         C.resolve({"mode": {"name": "supervised"}, "data": {"dataset": "digits"}})
     with pytest.raises(C.ConfigError, match=r"mode\.name: missing; allowed: supervised, soft"):

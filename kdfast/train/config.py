@@ -1138,9 +1138,13 @@ def run(config: Mapping[str, Any], *, resume: bool | None = None, dry_run: bool 
 
     Example::
 
-        >>> summary = run(load_config("examples/configs/soft.yaml") | {"train": {"max_steps": 20}})
-        >>> summary["steps"]
-        20
+        >>> import tempfile
+        >>> summary = run({"student": {"model": "linear", "options": {"in_features": 784}},
+        ...                "data": {"dataset": "digits", "test": [0, 100], "labelled": [100, 500]},
+        ...                "mode": {"name": "supervised"}, "train": {"max_steps": 5, "progress": False},
+        ...                "output": {"dir": tempfile.mkdtemp()}}, log=lambda line: None)
+        >>> summary["steps"], sorted(summary["metrics"])[:2]
+        (5, ['accuracy', 'ece'])
     """
     from kdfast.train import distributed
 
@@ -1151,6 +1155,8 @@ def run(config: Mapping[str, Any], *, resume: bool | None = None, dry_run: bool 
             log = print if main else (lambda _line: None)
         cfg = resolve(config)
         resume = cfg["train"]["resume"] if resume is None else resume
+        if resume and cfg["mode"]["name"] == "lifelong":
+            raise ConfigError("train.resume: the 'lifelong' mode does not resume; run it again")
         cfg["train"]["resume"] = bool(resume)
         out = Path(cfg["output"]["dir"])
         t0 = time.perf_counter()
