@@ -575,7 +575,7 @@ def mode_options(name: str) -> dict[str, inspect.Parameter]:
             if n not in _NOT_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def _mode(value: Any, seed: int) -> dict[str, Any]:
+def _mode(value: Any) -> dict[str, Any]:
     from kdfast.train.modes import MODES
 
     if not isinstance(value, Mapping):
@@ -591,7 +591,7 @@ def _mode(value: Any, seed: int) -> dict[str, Any]:
             continue
         if key not in params:
             raise _unknown("mode", key, params, f"unknown option of mode {name!r}")
-        out[key] = _check_option(name, key, given, params[key], seed)
+        out[key] = _check_option(key, given, params[key])
     if name == "lifelong":
         out["method"] = _choice(out.get("method", "lwf"), "mode.method", ("lwf", "finetune"))
         out["temperature"] = _float(out.get("temperature", 2.0), "mode.temperature", open_low=True)
@@ -607,7 +607,7 @@ def _mode(value: Any, seed: int) -> dict[str, Any]:
     return out
 
 
-def _check_option(mode: str, key: str, value: Any, param: inspect.Parameter, seed: int) -> Any:
+def _check_option(key: str, value: Any, param: inspect.Parameter) -> Any:
     """Types of mode options from their defaults (the mode checks ranges itself)."""
     path = f"mode.{key}"
     if key in _MODEL_OPTIONS and value is not None:
@@ -705,7 +705,7 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
     """
     top = _section(config, "", TOP_KEYS)
     seed = _int(top.get("seed", 0), "seed")
-    mode = _mode(top.get("mode"), seed)
+    mode = _mode(top.get("mode"))
     name = mode["name"]
     if "student" not in top:
         raise ConfigError(f"student: missing; give student.model ({', '.join(MODELS)} or an import path)")
