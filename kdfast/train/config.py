@@ -1094,9 +1094,9 @@ def dump(config: Mapping[str, Any], fmt: str = "yaml") -> str:
 def _prepare_output(cfg: Mapping[str, Any], resume: bool) -> Path:
     out = Path(cfg["output"]["dir"])
     ckpt = out / "checkpoints"
-    if not resume and (ckpt / "last.pt").exists():
+    if not resume and ckpt.is_dir() and any(ckpt.iterdir()):
         if not cfg["output"]["overwrite"]:
-            raise ConfigError(f"output.dir: {str(out)!r} already holds a run (checkpoints/last.pt); pass "
+            raise ConfigError(f"output.dir: {str(out)!r} already holds a run (checkpoints/); pass "
                               "--resume to continue it, --set output.overwrite=true to start again, or "
                               "choose another output.dir")
         if _is_main():
