@@ -1,4 +1,4 @@
-"""Command line of kdfast: ``python -m kdfast {demo,bench,info,cache}`` (console script ``kdfast``).
+"""Command line of kdfast: ``python -m kdfast {demo,bench,info,cache,distill}`` (console script ``kdfast``).
 
 Examples::
 
@@ -10,6 +10,7 @@ Examples::
     python -m kdfast bench --op all            # every op, one folder
     python -m kdfast bench --op cache --quick  # the teacher cache: bytes/token, build, student epoch
     python -m kdfast cache info out/cache      # a teacher cache (also: cache build, cache verify)
+    python -m kdfast distill --config examples/configs/soft.yaml --set train.max_steps=100
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from kdfast.train import config
+
+    return config.run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdfast import bench as benchmarks
     from kdfast.bench import common
@@ -68,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdfast", description="kdfast: fused knowledge-distillation losses for PyTorch.",
         epilog="Run `kdfast <command> --help` for a command's options.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info,cache}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,info,cache,distill}")
 
     from kdfast import demo as demo_module
 
@@ -100,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     from kdfast.cache import cli as cache_cli
 
     cache_cli.add_parser(sub)
+
+    from kdfast.train import config as config_module
+
+    distill = sub.add_parser(
+        "distill", help="train a student as a configuration file says (models, data, mode, optimizer)",
+        description="Distil a student from a configuration file: models from a registry of small built-in "
+                    "ones or by import path, data, the mode and its options, optimizer, schedule, loop and "
+                    "output folder; --set overrides values. Writes config.json, checkpoints/, student.pt and "
+                    "metrics.json into output.dir. Runs under torchrun too (rank 0 writes).")
+    config_module.add_arguments(distill)
+    distill.set_defaults(func=_distill)
     return parser
 
 
