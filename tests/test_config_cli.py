@@ -405,6 +405,8 @@ def test_torchrun_two_processes_rank_zero_writes(tmp_path):
     summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert summary["steps"] == 3 and summary["world_size"] == 2      # the process group was started
     assert (tmp_path / "out" / "student.pt").is_file() and (tmp_path / "out" / "config.json").is_file()
+    logs = [json.loads(line) for line in next((tmp_path / "out").rglob("log.jsonl")).read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3]      # rank 0 alone writes the log
 
 
 def test_resolve_is_idempotent_and_dry_run_writes_nothing(tmp_path, capsys):
