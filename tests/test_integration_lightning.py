@@ -352,13 +352,15 @@ def test_callback_adds_kdfasts_term_to_an_existing_module(digits, tmp_path, as_d
     # the first step's loss: alpha * CE + (1 - alpha) * kdfast.kd_loss, computed independently
     x, y = next(iter(train_dl))
     s_logits, t_logits = first(x), d["teacher"](x)
-    expected = 0.25 * F.cross_entropy(s_logits, y) + 0.75 * kdfast.kd_loss(s_logits, t_logits, temperature=2.0)
+    expected = 0.25 * F.cross_entropy(s_logits, y) + 0.75 * kdfast.kd_loss(s_logits, t_logits,
+                                                                            temperature=2.0)
     assert recorder.losses[0] == pytest.approx(expected.item(), rel=1e-6)
     assert sum(recorder.losses[-5:]) < 0.7 * sum(recorder.losses[:5])
     after = agreement(lit.net, d)
     assert after > before + 0.3
     assert t.callback_metrics["distill/val_agreement"].item() == pytest.approx(after, abs=1e-6)
-    assert {"distill/kd", "distill/task_loss", "distill/loss", "train_ce", "val_acc"} <= set(t.callback_metrics)
+    logged = set(t.callback_metrics)
+    assert {"distill/kd", "distill/task_loss", "distill/loss", "train_ce", "val_acc"} <= logged
     # the teacher: unchanged, outside the optimizer and the checkpoint; the module is itself again
     assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), teacher_before))
     assert not {id(p) for p in teacher.parameters()} & {
@@ -396,7 +398,7 @@ def test_callback_on_the_modules_forward_follows_dtype_moves(digits):
 
 def test_bad_arguments_raise_clear_errors(digits):
     d, s = digits, student()
-    with pytest.raises(TypeError, match="student must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"student must be an nn\.Module"):
         DistillationModule("net", "soft", teacher=d["teacher"])
     with pytest.raises(TypeError, match="mode must be"):
         DistillationModule(s, 3)
@@ -414,7 +416,7 @@ def test_bad_arguments_raise_clear_errors(digits):
         DistillationModule(s, "soft", teacher=d["teacher"], warmup_steps=1.5)
     with pytest.raises(ValueError, match="student is also the mode's frozen teacher"):
         DistillationModule(s, "soft", teacher=s)
-    with pytest.raises(TypeError, match="teacher must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"teacher must be an nn\.Module"):
         DistillationCallback("teacher")
     with pytest.raises(ValueError, match="alpha must be"):
         DistillationCallback(d["teacher"], alpha=1.5)
