@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -291,6 +292,88 @@ def test_crashed_run_resumes_to_the_straight_runs_weights(digits, tmp_path, wher
     for (ka, a), (kb, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert ka == kb and torch.equal(a, b), ka
     assert t_resumed.optimizers[0].param_groups[0]["lr"] == t_straight.optimizers[0].param_groups[0]["lr"]
+
+
+KILLED_RUN = """
+import os, signal, sys
+import torch
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, TensorDataset
+from sklearn.datasets import load_digits
+from kdfast.integrations.lightning import DistillationModule
+
+folder, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(1)
+d = load_digits()
+x, y = torch.tensor(d.data, dtype=torch.float32)[:256] / 16.0, torch.tensor(d.target)[:256]
+torch.manual_seed(0)
+teacher = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+student = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10))
+
+
+class Resumable:
+    def __init__(self, loader):
+        self.loader, self.given, self.skip = loader, 0, 0
+    def __len__(self):
+        return len(self.loader)
+    def __iter__(self):
+        it = iter(self.loader)
+        for _ in range(self.skip):
+            next(it)
+        self.given, self.skip = self.skip, 0
+        for batch in it:
+            self.given += 1
+            yield batch
+    def state_dict(self):
+        return {"given": self.given}
+    def load_state_dict(self, state):
+        self.skip = state["given"]
+
+
+class Kill(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+module = DistillationModule(student, "consistency", ema_decay=0.9, noise_std=0.0, lr=1e-2,
+                            scheduler="linear", warmup_steps=2)
+ckpt = pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=1)
+trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=14, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=[Kill(), ckpt])
+last = os.path.join(folder, "last.ckpt")
+trainer.fit(module, Resumable(DataLoader(TensorDataset(x, y), batch_size=32)),
+            ckpt_path=last if os.path.exists(last) else None)
+torch.save(module.state_dict(), out)
+"""
+
+
+def test_a_killed_process_resumes_to_the_straight_runs_weights(tmp_path, monkeypatch):
+    """A process SIGKILLed at step 9 of 14 (no chance to clean up); the run is started
+    again and resumes from ``last.ckpt`` (step 8, mid-epoch): the student, the mode's EMA
+    teacher and its step counter (``end_step`` state of the consistency mode) end as in a
+    straight run."""
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    argv = [sys.executable, str(script), str(tmp_path / "killed"), "9", str(tmp_path / "never.pt")]
+    killed = subprocess.run(argv,
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert killed.returncode == -9 and not (tmp_path / "never.pt").exists(), killed.stderr[-3000:]
+    assert torch.load(tmp_path / "killed" / "last.ckpt", weights_only=False)["global_step"] == 8
+
+    def run(folder: str, out: str) -> None:          # in this process: fresh module, trainer, loader
+        monkeypatch.setattr(sys, "argv", ["run.py", str(tmp_path / folder), "-1", str(tmp_path / out)])
+        runpy.run_path(str(script), run_name="__main__")
+
+    run("killed", "resumed.pt")                        # finds last.ckpt and resumes from it
+    run("straight", "straight.pt")
+    a, b = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
+    assert list(a) == list(b) and any(k.startswith("mode.ema.") for k in a)
+    assert int(b["mode.steps"]) == 14
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_wrapper_with_online_mode_trains_the_peer(digits):
