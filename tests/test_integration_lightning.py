@@ -213,7 +213,12 @@ def test_load_from_checkpoint_with_example_batch(digits, tmp_path):
         example_batch=(d["x"][:4], d["y"][:4]))
     for a, b in zip(module.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
-    assert torch.equal(loaded(d["x_test"]), module(d["x_test"]))
+    assert loaded.lr == 1e-2 and loaded.scheduler_spec == "constant"       # the saved settings
+    hparams = torch.load(tmp_path / "m.ckpt", weights_only=False)["hyper_parameters"]
+    assert not any(isinstance(v, (nn.Module, torch.Tensor)) for v in hparams.values())
+    predicted = trainer().predict(loaded, loaders(d)[1])
+    with torch.no_grad():
+        assert torch.equal(torch.cat(predicted), module.student(d["x_test"]))
 
 
 class Crash(Exception):
@@ -381,8 +386,13 @@ def test_wrapper_with_online_mode_trains_the_peer(digits):
     peer = student(9)
     peer_before = params(peer)
     module = DistillationModule(student(), train.Online([peer], temperature=2.0), lr=1e-2)
+
+    class Digits(pl.LightningDataModule):
+        def train_dataloader(self):
+            return loaders(d)[0]
+
     t = trainer(max_steps=4)
-    t.fit(module, loaders(d)[0])
+    t.fit(module, datamodule=Digits())                  # the mode is prepared on the datamodule's data
     in_opt = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
     assert {id(p) for p in peer.parameters()} <= in_opt
     assert not all(torch.equal(a, b) for a, b in zip(peer.parameters(), peer_before))
@@ -479,6 +489,22 @@ def test_callback_on_the_modules_forward_follows_dtype_moves(digits):
 # ------------------------------------------------------------------------------------- errors
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_teachers_follow_the_module_to_the_gpu(digits):
+    d = digits
+    teacher = copy.deepcopy(d["teacher"])
+    module = DistillationModule(student(), "soft", teacher=teacher, lr=1e-2)
+    t = pl.Trainer(accelerator="gpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False)
+    t.fit(module, loaders(d)[0])
+    assert teacher[0].weight.is_cuda and module.student[0].weight.is_cuda
+    teacher2, lit = copy.deepcopy(d["teacher"]), LitClassifier()
+    kd = DistillationCallback(teacher2, module="net")
+    pl.Trainer(accelerator="gpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, callbacks=[kd]).fit(lit, loaders(d)[0])
+    assert teacher2[0].weight.is_cuda and lit.net[0].weight.is_cuda
+
+
 def test_bad_arguments_raise_clear_errors(digits):
     d, s = digits, student()
     with pytest.raises(TypeError, match=r"student must be an nn\.Module"):
@@ -517,8 +543,10 @@ def test_bad_arguments_raise_clear_errors(digits):
             super().__init__()
             self.aux = nn.Linear(64, 10)
 
+    other = Other()
     with pytest.raises(RuntimeError, match="'aux' did not run during training_step"):
-        trainer(max_steps=1, callbacks=[DistillationCallback(d["teacher"], module="aux")]).fit(Other(), dl)
+        trainer(max_steps=1, callbacks=[DistillationCallback(d["teacher"], module="aux")]).fit(other, dl)
+    assert "training_step" not in other.__dict__ and not other.aux._forward_hooks    # restored
 
     class Manual(LitClassifier):
         def __init__(self):
@@ -556,3 +584,19 @@ def test_example_runs(tmp_path):
         assert key in lines, out.stdout
     assert "agreement" in lines["callback"] and "agreement" in lines["wrapper"]
     assert (tmp_path / "wrapper" / "last.ckpt").is_file()
+
+
+def test_docstring_examples():
+    import doctest
+
+    import kdfast.integrations.lightning as module
+
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = [t for t in finder.find(module, module.__name__, extraglobs={"torch": torch, "kdfast": kdfast})
+             if t.examples]
+    assert len(tests) == 3
+    for test in tests:
+        torch.manual_seed(0)
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0

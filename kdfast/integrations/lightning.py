@@ -18,9 +18,16 @@ the older ``pytorch_lightning`` package) is imported when this module is, not by
 Example::
 
     >>> import lightning.pytorch as pl
+    >>> from torch.utils.data import DataLoader, TensorDataset
     >>> from kdfast.integrations.lightning import DistillationModule
-    >>> module = DistillationModule(student, "soft", teacher=teacher, temperature=4.0, lr=1e-3)
-    >>> pl.Trainer(max_steps=100).fit(module, train_loader, val_loader)
+    >>> data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,))), batch_size=16)
+    >>> teacher, student = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+    >>> module = DistillationModule(student, "soft", teacher=teacher, temperature=4.0, lr=1e-2)
+    >>> trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+    ...                      enable_progress_bar=False, enable_model_summary=False)
+    >>> trainer.fit(module, data, data)
+    >>> trainer.global_step, sorted(k for k in trainer.callback_metrics if k.startswith("val/"))[:3]
+    (4, ['val/accuracy', 'val/agreement', 'val/ece'])
 """
 
 from __future__ import annotations
@@ -187,12 +194,19 @@ class DistillationModule(pl.LightningModule):
     Example::
 
         >>> import lightning.pytorch as pl
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
         >>> from kdfast.integrations.lightning import DistillationModule
-        >>> module = DistillationModule(student, "feature", teacher=teacher, pairs={"body": "body"},
-        ...                             lr=2e-3, scheduler="cosine", warmup_steps=10)
-        >>> trainer = pl.Trainer(max_steps=200, accelerator="cpu")
-        >>> trainer.fit(module, train_loader, val_loader)
-        >>> trainer.callback_metrics["val/accuracy"]
+        >>> data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,))), batch_size=16)
+        >>> teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+        >>> student = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+        >>> module = DistillationModule(student, "feature", teacher=teacher, pairs={"1": "1"},
+        ...                             lr=2e-3, scheduler="cosine", warmup_steps=2)
+        >>> trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, data)
+        >>> [k for k in module.state_dict() if not k.startswith("student.")]   # no teacher weights
+        ['mode.adapters.0.weight', 'mode.adapters.0.bias']
     """
 
     def __init__(self, student: nn.Module, mode: DistillMode | str, *,
@@ -231,6 +245,12 @@ class DistillationModule(pl.LightningModule):
         if not isinstance(log_parts, bool):
             raise TypeError(f"{cls}: log_parts must be a bool, got {type(log_parts).__name__}")
         self.log_parts = log_parts
+        # the plain settings only (load_from_checkpoint and loggers); never a model
+        self.save_hyperparameters({
+            "lr": self.lr, "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps, "log_parts": log_parts,
+            **({"optimizer": optimizer} if isinstance(optimizer, str) else {}),
+            **({"scheduler": scheduler} if scheduler is None or isinstance(scheduler, str) else {})})
         self._prepared = False
         self._tracker: MetricTracker | None = None
         if example_batch is not None:
@@ -325,6 +345,10 @@ class DistillationModule(pl.LightningModule):
     def forward(self, inputs: Any) -> torch.Tensor:
         """The student's logits on ``inputs`` (as the mode calls it)."""
         return self.mode.logits(self.student, inputs)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """The student's logits on the batch's inputs."""
+        return self(unpack(batch, "DistillationModule.predict_step")[0])
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out: StepOutput = self.mode(self.student, batch)
@@ -436,9 +460,26 @@ class DistillationCallback(pl.Callback):
     Example::
 
         >>> import lightning.pytorch as pl
+        >>> import torch.nn.functional as F
+        >>> from torch.utils.data import DataLoader, TensorDataset
         >>> from kdfast.integrations.lightning import DistillationCallback
-        >>> kd = DistillationCallback(teacher, temperature=4.0, alpha=0.5, module="net")
-        >>> pl.Trainer(max_epochs=5, callbacks=[kd]).fit(my_lit_classifier, train_loader)
+        >>> class LitClassifier(pl.LightningModule):        # the user's module, unchanged
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Linear(8, 3)
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return F.cross_entropy(self.net(x), y)
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.Adam(self.parameters(), lr=1e-2)
+        >>> data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,))), batch_size=16)
+        >>> kd = DistillationCallback(torch.nn.Linear(8, 3), temperature=4.0, alpha=0.5, module="net")
+        >>> trainer = pl.Trainer(max_steps=4, accelerator="cpu", callbacks=[kd], logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False)
+        >>> trainer.fit(LitClassifier(), data)
+        >>> sorted(k for k in trainer.callback_metrics if k.startswith("distill/"))[:3]
+        ['distill/kd', 'distill/kd_epoch', 'distill/kd_step']
     """
 
     def __init__(self, teacher: nn.Module, *, temperature: float = 4.0, alpha: float = 0.5,
@@ -476,7 +517,7 @@ class DistillationCallback(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return f"DistillationCallback[module={self.module_path!r}]"
+        return self._generate_state_key(module=self.module_path)
 
     def state_dict(self) -> dict[str, Any]:
         """The settings only (the teacher is not saved)."""
