@@ -399,6 +399,29 @@ def test_wrapper_with_online_mode_trains_the_peer(digits):
     assert any(k.startswith("mode.peers.0.") for k in module.state_dict())
 
 
+@pytest.mark.parametrize("how", ["lightning_mapping", "paired"])
+def test_wrapper_with_a_domain_mode_and_its_lazily_built_discriminator(digits, how):
+    """Adversarial mode: source = labelled digits, target = the same digits mirrored left to
+    right (unlabelled); the discriminator is built on the first {"source", "target"} batch."""
+    d = digits
+    source = DataLoader(TensorDataset(d["x"][:600], d["y"][:600]), batch_size=50)
+    mirrored = d["x"][600:].reshape(-1, 8, 8).flip(-1).reshape(-1, 64)
+    target = DataLoader(TensorDataset(mirrored), batch_size=50)
+    data = {"source": source, "target": target}
+    if how == "paired":
+        data = train.paired(source, target)
+    module = DistillationModule(student(), "adversarial", teacher=d["teacher"], feature_path="1", hidden=16,
+                                total_steps=6, lr=1e-2)
+    recorder = StepLosses()
+    t = trainer(max_steps=6, callbacks=[recorder])
+    t.fit(module, data)
+    assert module.mode.discriminator is not None and len(recorder.losses) == 6
+    in_opt = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    assert {id(p) for p in module.mode.discriminator.parameters()} <= in_opt
+    assert {"train/domain", "train/kd"} <= set(t.callback_metrics)
+    assert int(module.mode.steps) == 6
+
+
 # ----------------------------------------------------------------------------------- callback
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from kdfast.integrations import require
-from kdfast.train._batch import batch_size, move_to, unpack
+from kdfast.train._batch import batch_size, move_to, paired, unpack
 from kdfast.train.metrics import MetricTracker
 from kdfast.train.modes import DistillMode, Soft, StepOutput, make_mode
 
@@ -109,9 +109,33 @@ def _as_logits(out: Any, who: str) -> torch.Tensor:
     return logits
 
 
+def _leaves(data: Any) -> list[Any]:
+    """The loaders of ``data``: one loader, or a mapping / list of them (Lightning combines
+    those into batches of the same structure)."""
+    if isinstance(data, Mapping):
+        return [leaf for v in data.values() for leaf in _leaves(v)]
+    if isinstance(data, (list, tuple)):
+        return [leaf for v in data for leaf in _leaves(v)]
+    if isinstance(data, paired):
+        return _leaves(data.source) + _leaves(data.target)
+    return [data]
+
+
+def _first_of(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _first_of(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_first_of(v) for v in data)
+    batch = next(iter(data), None)
+    if batch is None:
+        raise ValueError("DistillationModule: the training data is empty")
+    return batch
+
+
 def _first_batch(trainer: Any) -> Any:
-    """The first batch of the trainer's training data, drawn without moving any random
-    state (the global generators and the loader's own are restored afterwards)."""
+    """The first batch of the trainer's training data (of each loader, for a mapping or a
+    list of loaders), drawn without moving any random state: the global CPU generator and
+    the loaders' own generators are restored afterwards."""
     loader = None
     source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
     if source is not None and source.is_defined():
@@ -121,16 +145,17 @@ def _first_batch(trainer: Any) -> Any:
     if loader is None:
         raise RuntimeError("DistillationModule: cannot find the training data to prepare the mode on; "
                            "pass example_batch= to DistillationModule or call module.prepare(batch)")
-    generators = [g for g in (getattr(loader, "generator", None),
-                              getattr(getattr(loader, "sampler", None), "generator", None))
-                  if isinstance(g, torch.Generator)]
+    generators: list[torch.Generator] = []
+    for leaf in _leaves(loader):
+        sampler = getattr(leaf, "sampler", None)
+        for g in (getattr(leaf, "generator", None), getattr(sampler, "generator", None)):
+            if isinstance(g, torch.Generator) and all(g is not h for h in generators):
+                generators.append(g)
     states = [g.get_state() for g in generators]
     with torch.random.fork_rng(devices=[]):
-        batch = next(iter(loader), None)
-    for g, s in zip(generators, states):
-        g.set_state(s)
-    if batch is None:
-        raise ValueError("DistillationModule: the training data is empty")
+        batch = _first_of(loader)
+    for g, state in zip(generators, states):
+        g.set_state(state)
     return batch
 
 
@@ -188,8 +213,10 @@ class DistillationModule(pl.LightningModule):
         mode_options: options of the mode when ``mode`` is a name.
 
     Batches: ``(inputs, labels)`` tuples or dicts with ``"inputs"`` / ``"labels"`` (see
-    :mod:`kdfast.train`), labels ``-100`` for unlabelled rows; the domain modes take
-    :func:`kdfast.train.paired` batches for training and plain ones for validation.
+    :mod:`kdfast.train`), labels ``-100`` for unlabelled rows. The domain modes
+    (``"adversarial"``, ``"cross_domain"``) train on ``{"source": batch, "target": batch}``:
+    give ``fit`` a :func:`kdfast.train.paired` loader or Lightning's own mapping of loaders
+    ``{"source": source_loader, "target": target_loader}``; validation batches are plain.
 
     Example::
 
