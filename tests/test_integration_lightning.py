@@ -399,6 +399,42 @@ def test_wrapper_with_online_mode_trains_the_peer(digits):
     assert any(k.startswith("mode.peers.0.") for k in module.state_dict())
 
 
+@pytest.mark.parametrize("name", ["supervised", "hard", "multi_teacher", "self", "compressed", "consistency",
+                                  "offline"])
+def test_every_mode_by_name_trains_under_lightning(digits, tmp_path, name):
+    """The other modes of the training layer, by name with their options, a few steps
+    each: the student changes, the loss is finite, evaluation runs."""
+    d = digits
+    teacher = d["teacher"]
+    options = {"supervised": {}, "hard": {"teacher": teacher, "threshold": 0.5},
+               "multi_teacher": {"teachers": [teacher, copy.deepcopy(teacher)], "combine": "confidence"},
+               "self": {"teacher": teacher, "temperature": 2.0},
+               "compressed": {"teacher": teacher, "sparsity": 0.5, "prune_schedule": "gradual",
+                              "prune_steps": 4},
+               "consistency": {"ema_decay": 0.9, "noise_std": 0.05},
+               "offline": {"alpha": 0.2, "tail": "residual"}}[name]
+    train_dl, test_dl = loaders(d)
+    if name == "offline":
+        from kdfast.cache import CachedDataset, TeacherCache, TopK
+
+        data = TensorDataset(d["x"][:256], d["y"][:256])
+        cache = TeacherCache.build(tmp_path / "cache", teacher, data, storage=TopK(k=4), temperature=2.0,
+                                   progress=False, fsync=False)
+        train_dl = CachedDataset(data, cache).loader(batch_size=64)
+    s = student()
+    before = params(s)
+    module = DistillationModule(s, name, lr=1e-2, **options)
+    recorder = StepLosses()
+    t = trainer(max_steps=5, callbacks=[recorder], limit_val_batches=1, val_check_interval=5,
+                check_val_every_n_epoch=None)
+    t.fit(module, train_dl, test_dl)
+    assert len(recorder.losses) == 5 and all(torch.isfinite(torch.tensor(recorder.losses)))
+    assert not all(torch.equal(a, b) for a, b in zip(s.parameters(), before))
+    assert "val/accuracy" in t.callback_metrics
+    if name == "compressed":
+        assert train.sparsity_of(s) == pytest.approx(0.5, abs=0.02)
+
+
 @pytest.mark.parametrize("how", ["lightning_mapping", "paired"])
 def test_wrapper_with_a_domain_mode_and_its_lazily_built_discriminator(digits, how):
     """Adversarial mode: source = labelled digits, target = the same digits mirrored left to
