@@ -519,8 +519,8 @@ def test_callback_adds_kdfasts_term_to_an_existing_module(digits, tmp_path, as_d
         id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert sorted(saved["state_dict"]) == sorted(f"net.{k}" for k in lit.net.state_dict())
-    assert saved["callbacks"][kd.state_key] == {"temperature": 2.0, "alpha": 0.25,
-                                                "divergence": "forward_kl", "module": "net"}
+    assert saved["callbacks"][kd.state_key] == {"temperature": 2.0, "alpha": 0.25, "divergence": "forward_kl",
+                                                "beta": 0.5, "softcap": None, "module": "net"}
     assert "training_step" not in lit.__dict__ and "validation_step" not in lit.__dict__
     assert not lit.net._forward_hooks
 

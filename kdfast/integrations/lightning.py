@@ -480,6 +480,8 @@ class DistillationCallback(pl.Callback):
         temperature: ``T > 0``.
         alpha: weight of the module's own loss, in ``[0, 1]``.
         divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"`` (see ``kd_loss``).
+        beta: the JSD mixture weight.
+        softcap: logit soft-capping as in ``kd_loss`` (``None``: none).
         module: dotted path of the submodule whose output is the logits (e.g. ``"net"``),
             ``""`` (default) for the ``LightningModule`` itself.
         backend: ``"kdfast"`` or ``"reference"`` (plain PyTorch, for comparisons).
@@ -510,7 +512,8 @@ class DistillationCallback(pl.Callback):
     """
 
     def __init__(self, teacher: nn.Module, *, temperature: float = 4.0, alpha: float = 0.5,
-                 divergence: str = "forward_kl", module: str = "", backend: str = "kdfast") -> None:
+                 divergence: str = "forward_kl", beta: float = 0.5, softcap: float | None = None,
+                 module: str = "", backend: str = "kdfast") -> None:
         super().__init__()
         cls = "DistillationCallback"
         if not isinstance(teacher, nn.Module):
@@ -520,8 +523,8 @@ class DistillationCallback(pl.Callback):
                             f"got {type(module).__name__}")
         self.module_path = module
         # the kd term is Soft's loss with alpha=0 (the module's loss plays the hard-label part)
-        self._soft = Soft(teacher, temperature=temperature, alpha=0.0, divergence=divergence, backend=backend,
-                          forward=_call_as_captured)
+        self._soft = Soft(teacher, temperature=temperature, alpha=0.0, divergence=divergence, beta=beta,
+                          softcap=softcap, backend=backend, forward=_call_as_captured)
         self.alpha = _real(cls, "alpha", alpha, low=0.0, allow_low=True)
         if self.alpha > 1:
             raise ValueError(f"{cls}: alpha must be in [0, 1], got {alpha!r}")
@@ -549,7 +552,7 @@ class DistillationCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """The settings only (the teacher is not saved)."""
         return {"temperature": self.temperature, "alpha": self.alpha, "divergence": self.divergence,
-                "module": self.module_path}
+                "beta": self._soft.beta, "softcap": self._soft.softcap, "module": self.module_path}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Accepts the settings of a checkpoint; a run resumed with other settings goes on
