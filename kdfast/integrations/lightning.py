@@ -191,6 +191,18 @@ class DistillationModule(pl.LightningModule):
     move them too. The optimizer trains the student's parameters and
     ``mode.trainable_parameters()``, never a frozen teacher.
 
+    Resuming: ``trainer.fit(module, ..., ckpt_path="last")`` (with a ``ModelCheckpoint``)
+    restores the student, the mode's state, optimizer, schedule and counters. Lightning
+    itself saves no random state and starts a plain ``DataLoader`` again at the epoch's
+    beginning, so the continuation is step for step the uninterrupted run's when the
+    checkpoint is on an epoch's last step, or anywhere with a loader that has
+    ``state_dict`` / ``load_state_dict`` (such as torchdata's ``StatefulDataLoader``), and
+    the run draws no random numbers of its own (no shuffling without such a loader,
+    dropout or input noise); otherwise it is a valid but different continuation.
+
+    With several processes each one evaluates its share of the validation data and the
+    logged metrics are their average (``sync_dist=True``).
+
     Args:
         student: the model to train; ``student(inputs)`` (``student(**inputs)`` for a
             mapping) gives logits ``[..., C]``.
