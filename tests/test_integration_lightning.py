@@ -109,7 +109,7 @@ def params(model: nn.Module) -> list[torch.Tensor]:
 
 def test_wrapper_trains_logs_and_agreement_rises(digits, tmp_path):
     d = digits
-    s = student()
+    s = student()                                          # seeds the global generator (shuffling)
     before = agreement(s, d)
     teacher_before = params(d["teacher"])
     module = DistillationModule(s, "soft", teacher=d["teacher"], temperature=2.0, alpha=0.3, lr=1e-2,
