@@ -341,14 +341,15 @@ class Kill(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-module = DistillationModule(student, "consistency", ema_decay=0.9, noise_std=0.0, lr=1e-2,
+module = DistillationModule(student, "consistency", ema_decay=0.9, noise_std=0.1, lr=1e-2,
                             scheduler="linear", warmup_steps=2)
 ckpt = pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=1)
 trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=14, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, callbacks=[Kill(), ckpt])
 last = os.path.join(folder, "last.ckpt")
-trainer.fit(module, Resumable(DataLoader(TensorDataset(x, y), batch_size=32)),
-            ckpt_path=last if os.path.exists(last) else None)
+# the loader's own generator: its iterators draw their base seed from it, not from the global one
+loader = DataLoader(TensorDataset(x, y), batch_size=32, generator=torch.Generator())
+trainer.fit(module, Resumable(loader), ckpt_path=last if os.path.exists(last) else None)
 torch.save(module.state_dict(), out)
 """
 
@@ -357,7 +358,7 @@ def test_a_killed_process_resumes_to_the_straight_runs_weights(tmp_path, monkeyp
     """A process SIGKILLed at step 9 of 14 (no chance to clean up); the run is started
     again and resumes from ``last.ckpt`` (step 8, mid-epoch): the student, the mode's EMA
     teacher and its step counter (``end_step`` state of the consistency mode) end as in a
-    straight run."""
+    straight run, the random input noise of every step included (restore_rng)."""
     script = tmp_path / "run.py"
     script.write_text(KILLED_RUN)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

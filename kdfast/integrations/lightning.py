@@ -35,6 +35,8 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import random
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -107,6 +109,31 @@ def _as_logits(out: Any, who: str) -> torch.Tensor:
         raise TypeError(f"{who} returned {type(out).__name__}; expected a logits tensor, an object "
                         "with .logits, or a tuple whose first element is the logits")
     return logits
+
+
+def _rng_state() -> dict[str, Any]:
+    """The global random states (torch CPU and CUDA, Python, NumPy when loaded) in types
+    that ``torch.load(weights_only=True)`` reads: tensors, ints, floats, strings, tuples."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if "numpy" in sys.modules:
+        kind, keys, pos, has_gauss, gauss = sys.modules["numpy"].random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss),
+                          float(gauss))
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((kind, keys.numpy().astype(numpy.uint32), pos, has_gauss, gauss))
 
 
 def _leaves(data: Any) -> list[Any]:
@@ -192,13 +219,16 @@ class DistillationModule(pl.LightningModule):
     ``mode.trainable_parameters()``, never a frozen teacher.
 
     Resuming: ``trainer.fit(module, ..., ckpt_path="last")`` (with a ``ModelCheckpoint``)
-    restores the student, the mode's state, optimizer, schedule and counters. Lightning
-    itself saves no random state and starts a plain ``DataLoader`` again at the epoch's
-    beginning, so the continuation is step for step the uninterrupted run's when the
-    checkpoint is on an epoch's last step, or anywhere with a loader that has
-    ``state_dict`` / ``load_state_dict`` (such as torchdata's ``StatefulDataLoader``), and
-    the run draws no random numbers of its own (no shuffling without such a loader,
-    dropout or input noise); otherwise it is a valid but different continuation.
+    restores the student, the mode's state, optimizer, schedule and counters, and (one
+    process, ``restore_rng``) the global random states, which Lightning itself does not
+    save, so input noise and dropout go on as they would have. Lightning starts a plain
+    ``DataLoader`` again at the epoch's beginning, so the continuation is step for step
+    the uninterrupted run's when the checkpoint is on an epoch's last step of an
+    unshuffled loader, or anywhere with a loader that has ``state_dict`` /
+    ``load_state_dict`` (such as torchdata's ``StatefulDataLoader``); with random
+    numbers drawn during training, the loader also needs its own ``generator=`` (every
+    ``DataLoader`` iterator draws a seed, from the global generator otherwise). Else the
+    continuation is valid but not the same.
 
     With several processes each one evaluates its share of the validation data and the
     logged metrics are their average (``sync_dist=True``).
@@ -222,6 +252,8 @@ class DistillationModule(pl.LightningModule):
         example_batch: a batch (as the loaders yield it) to prepare the mode on now;
             default: the first training batch, in ``setup``.
         log_parts: also log each named part of the loss.
+        restore_rng: save the random states (torch CPU and CUDA, Python, NumPy) in each
+            checkpoint and restore them when a single-process ``fit`` resumes from it.
         mode_options: options of the mode when ``mode`` is a name.
 
     Batches: ``(inputs, labels)`` tuples or dicts with ``"inputs"`` / ``"labels"`` (see
@@ -253,7 +285,7 @@ class DistillationModule(pl.LightningModule):
                  lr: float = 1e-3, weight_decay: float = 0.0,
                  scheduler: str | Callable[[torch.optim.Optimizer], Any] | None = "constant",
                  warmup_steps: int = 0, total_steps: int | None = None, example_batch: Any = None,
-                 log_parts: bool = True, **mode_options: Any) -> None:
+                 log_parts: bool = True, restore_rng: bool = True, **mode_options: Any) -> None:
         super().__init__()
         cls = "DistillationModule"
         if not isinstance(student, nn.Module):
@@ -284,10 +316,13 @@ class DistillationModule(pl.LightningModule):
         if not isinstance(log_parts, bool):
             raise TypeError(f"{cls}: log_parts must be a bool, got {type(log_parts).__name__}")
         self.log_parts = log_parts
+        if not isinstance(restore_rng, bool):
+            raise TypeError(f"{cls}: restore_rng must be a bool, got {type(restore_rng).__name__}")
+        self.restore_rng = restore_rng
         # the plain settings only (load_from_checkpoint and loggers); never a model
         self.save_hyperparameters({
             "lr": self.lr, "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps,
-            "total_steps": self.total_steps, "log_parts": log_parts,
+            "total_steps": self.total_steps, "log_parts": log_parts, "restore_rng": restore_rng,
             **({"optimizer": optimizer} if isinstance(optimizer, str) else {}),
             **({"scheduler": scheduler} if scheduler is None or isinstance(scheduler, str) else {})})
         self._prepared = False
@@ -374,6 +409,19 @@ class DistillationModule(pl.LightningModule):
             raise ValueError("DistillationModule: the trainer cannot tell the run's length (no max_steps "
                              "and no max_epochs with sized data); pass total_steps= for the schedule")
         return max(int(steps), 1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.restore_rng:
+            checkpoint["kdfast_rng"] = _rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # only when a single-process fit resumes (not on load_from_checkpoint; with several
+        # processes the checkpoint holds the first one's states, which the others must not take)
+        trainer = self._trainer
+        state = checkpoint.get("kdfast_rng")
+        if self.restore_rng and state is not None and trainer is not None and trainer.world_size == 1 \
+                and trainer.state.fn == "fit":
+            _set_rng_state(state)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
