@@ -11,8 +11,8 @@ Two ways in, both thin layers over :mod:`kdfast.train`'s modes and kdfast's loss
   changes to that module.
 
 In both, the teacher is kept out of the optimizer and out of the module's checkpoint,
-and it follows the module's device and dtype moves. Lightning (``lightning.pytorch``, or
-the older ``pytorch_lightning`` package) is imported when this module is, not by
+and it follows the module's device and dtype moves. Lightning 2.x (``lightning.pytorch``, or
+the standalone ``pytorch_lightning`` package) is imported when this module is, not by
 ``import kdfast``; install it with ``pip install 'kdfast[lightning]'``.
 
 Example::
