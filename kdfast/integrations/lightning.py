@@ -231,7 +231,9 @@ class DistillationModule(pl.LightningModule):
     continuation is valid but not the same.
 
     With several processes each one evaluates its share of the validation data and the
-    logged metrics are their average (``sync_dist=True``).
+    metrics are computed from the totals of all shares
+    (:meth:`~kdfast.train.metrics.MetricTracker.all_reduce`; Lightning's distributed
+    sampler may repeat a few samples to even the shares out).
 
     Args:
         student: the model to train; ``student(inputs)`` (``student(**inputs)`` for a
@@ -469,10 +471,10 @@ class DistillationModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self._tracker is None:
             return
+        self._tracker.all_reduce()      # several processes: the totals of every share (no-op alone)
         metrics = self._tracker.compute()
         self._tracker = None
-        # every process logs the metrics of its own share of the data; sync_dist averages them
-        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
+        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()})
 
     def extra_repr(self) -> str:
         return f"optimizer={self.optimizer_spec!r}, lr={self.lr}, scheduler={self.scheduler_spec!r}"
