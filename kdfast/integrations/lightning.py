@@ -44,14 +44,13 @@ import torch
 from torch import nn
 
 from kdfast.integrations import require
-from kdfast.train._batch import batch_size, move_to, paired, unpack
+from kdfast.train._batch import batch_size, logits_of, move_to, paired, unpack
 from kdfast.train.metrics import MetricTracker
 from kdfast.train.modes import DistillMode, Soft, StepOutput, make_mode
+from kdfast.train.optim import build_optimizer, build_scheduler, check_specs
 
 __all__ = ["DistillationCallback", "DistillationModule", "lightning_module"]
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("constant", "cosine", "linear")
 
 
 def lightning_module() -> Any:
@@ -94,21 +93,6 @@ def _module_device(model: nn.Module) -> torch.device | None:
     for t in model.buffers():
         return t.device
     return None
-
-
-def _as_logits(out: Any, who: str) -> torch.Tensor:
-    """The logits of a model output: a tensor, ``.logits`` / ``["logits"]``, or a tuple's first."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, Mapping):
-        logits = out.get("logits")
-    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        logits = out[0]
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{who} returned {type(out).__name__}; expected a logits tensor, an object "
-                        "with .logits, or a tuple whose first element is the logits")
-    return logits
 
 
 def _rng_state() -> dict[str, Any]:
@@ -302,11 +286,7 @@ class DistillationModule(pl.LightningModule):
                             f"got {type(mode).__name__}")
         if any(t is student for t in mode.teachers):
             raise ValueError(f"{cls}: the student is also the mode's frozen teacher; give separate models")
-        if not (callable(optimizer) or optimizer in OPTIMIZERS):
-            raise ValueError(f"{cls}: optimizer must be one of {OPTIMIZERS} or a callable, got {optimizer!r}")
-        if not (scheduler is None or callable(scheduler) or scheduler in SCHEDULES):
-            raise ValueError(f"{cls}: scheduler must be one of {SCHEDULES}, a callable or None, "
-                             f"got {scheduler!r}")
+        check_specs(cls, optimizer, scheduler)
         self.student = student
         self.mode = mode
         self.optimizer_spec = optimizer
@@ -379,26 +359,12 @@ class DistillationModule(pl.LightningModule):
         if not params:
             raise ValueError("DistillationModule: nothing to train (the student and the mode have no "
                              "parameter with requires_grad=True)")
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": self.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        spec = self.optimizer_spec
-        if callable(spec):
-            opt = spec(groups)
-        elif spec == "sgd":
-            opt = torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
-        elif spec == "adam":
-            opt = torch.optim.Adam(groups, lr=self.lr)
-        else:
-            opt = torch.optim.AdamW(groups, lr=self.lr)
-        sched = self.scheduler_spec
-        if callable(sched):
-            scheduler = sched(opt)
-        elif sched in ("cosine", "linear") or self.warmup_steps:
-            scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(sched, self.warmup_steps,
-                                                                         self._run_steps()))
-        else:
+        opt = build_optimizer(params, self.optimizer_spec, lr=self.lr, weight_decay=self.weight_decay)
+        needs_total = self.scheduler_spec in ("cosine", "linear") or (self.warmup_steps and
+                                                                       not callable(self.scheduler_spec))
+        scheduler = build_scheduler(opt, self.scheduler_spec, warmup_steps=self.warmup_steps,
+                                    total_steps=self._run_steps() if needs_total else 1)
+        if scheduler is None:
             return opt
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
@@ -480,18 +446,6 @@ class DistillationModule(pl.LightningModule):
         return f"optimizer={self.optimizer_spec!r}, lr={self.lr}, scheduler={self.scheduler_spec!r}"
 
 
-def _schedule(kind: str | None, warm: int, total: int) -> Callable[[int], float]:
-    """The learning-rate factor of :class:`kdfast.train.Distiller`'s built-in schedules."""
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        frac = min((step - warm) / max(total - warm, 1), 1.0)
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * frac))
-        return 1.0 - frac if kind == "linear" else 1.0
-    return factor
-
-
 def _batch_rows(batch: Any) -> int | None:
     """Rows of a training batch for Lightning's epoch averages (``None`` when unknown)."""
     try:
@@ -508,7 +462,7 @@ def _batch_rows(batch: Any) -> int | None:
 def _call_as_captured(model: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
     """``model`` called with the positional and keyword arguments a forward hook captured."""
     args, kwargs = call
-    return _as_logits(model(*args, **kwargs), "DistillationCallback: the teacher")
+    return logits_of(model(*args, **kwargs), "DistillationCallback: the teacher")
 
 
 class DistillationCallback(pl.Callback):
@@ -635,7 +589,7 @@ class DistillationCallback(pl.Callback):
     def _forward_hook(self, mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._capturing:
             return
-        student_logits = _as_logits(output, f"DistillationCallback: the module {self.module_path!r}")
+        student_logits = logits_of(output, f"DistillationCallback: the module {self.module_path!r}")
         self._place_teacher(self._pl_module)
         teacher_logits = self._soft.teacher_logits((args, kwargs))
         self._captured.append((student_logits, teacher_logits))

@@ -69,10 +69,9 @@ def batch_size(inputs: Any) -> int:
     raise TypeError(f"cannot tell the batch size of {type(inputs).__name__}")
 
 
-def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """``model(**inputs)`` for a mapping, ``model(inputs)`` otherwise; a Hugging Face
-    style output with a ``.logits`` attribute (or a ``"logits"`` key) gives its logits."""
-    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+def logits_of(out: Any, who: str = "the model") -> torch.Tensor:
+    """The logits in a model's output: a tensor, a ``.logits`` attribute (Hugging Face
+    style) or ``"logits"`` key, or the first element of a tuple / list."""
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)
@@ -81,9 +80,15 @@ def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
     if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         logits = out[0]
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"the model returned {type(out).__name__}; expected a logits tensor, an "
-                        "object with .logits, or a tuple whose first element is the logits")
+        raise TypeError(f"{who} returned {type(out).__name__}; expected a logits tensor, an object "
+                        "with .logits, or a tuple whose first element is the logits")
     return logits
+
+
+def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """``model(**inputs)`` for a mapping, ``model(inputs)`` otherwise, and the logits of
+    its output (:func:`logits_of`)."""
+    return logits_of(model(**inputs) if isinstance(inputs, Mapping) else model(inputs))
 
 
 class paired(Iterable):

@@ -634,7 +634,7 @@ def _check_option(key: str, value: Any, param: inspect.Parameter) -> Any:
 
 
 def _optimizer(value: Any) -> dict[str, Any]:
-    from kdfast.train.distiller import OPTIMIZERS
+    from kdfast.train.optim import OPTIMIZERS
 
     opt = _section(value, "optimizer", OPTIMIZER_KEYS)
     opt["name"] = _choice(opt.get("name", "adamw"), "optimizer.name", OPTIMIZERS, import_path=True)
@@ -650,7 +650,7 @@ def _optimizer(value: Any) -> dict[str, Any]:
 
 
 def _schedule(value: Any) -> dict[str, Any]:
-    from kdfast.train.distiller import SCHEDULES
+    from kdfast.train.optim import SCHEDULES
 
     sched = _section(value, "schedule", SCHEDULE_KEYS)
     return {"name": _choice(sched.get("name", "constant"), "schedule.name", SCHEDULES),

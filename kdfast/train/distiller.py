@@ -20,11 +20,10 @@ from kdfast.train import metrics as _metrics
 from kdfast.train._batch import move_to, paired, unpack
 from kdfast.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from kdfast.train.modes import DistillMode, make_mode
+from kdfast.train.optim import build_optimizer, build_scheduler, check_specs
 
 __all__ = ["Distiller", "FitResult"]
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("constant", "cosine", "linear")
 AMP_CHOICES = ("auto", "bf16", "fp16", None)
 
 OptimizerSpec = str | Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None
@@ -156,17 +155,10 @@ class Distiller:
             raise TypeError(f"Distiller: mode must be a DistillMode or a mode name, "
                             f"got {type(mode).__name__}")
         self.student, self.mode = student, mode
-        self._optimizer_spec = optimizer
-        if optimizer not in OPTIMIZERS and not callable(optimizer):
-            raise ValueError(f"Distiller: optimizer must be one of {OPTIMIZERS} or a callable, "
-                             f"got {optimizer!r}")
+        check_specs("Distiller", optimizer, scheduler)
+        self._optimizer_spec, self._scheduler_spec = optimizer, scheduler
         self.lr = _positive_float("lr", lr)
         self.weight_decay = _positive_float("weight_decay", weight_decay, allow_zero=True)
-        if (isinstance(scheduler, str) and scheduler not in SCHEDULES) or \
-                (not isinstance(scheduler, str) and scheduler is not None and not callable(scheduler)):
-            raise ValueError(f"Distiller: scheduler must be one of {SCHEDULES}, a callable or None, "
-                             f"got {scheduler!r}")
-        self._scheduler_spec = scheduler
         self.warmup_steps = _count("warmup_steps", warmup_steps, allow_zero=True)
         self.epochs = _count("epochs", epochs)
         self.max_steps = None if max_steps is None else _count("max_steps", max_steps)
@@ -212,35 +204,10 @@ class Distiller:
 
     def _build_optimizer(self, total_steps: int) -> None:
         self._params = self.parameters()           # fixed from here on (clipping reuses it)
-        decay, no_decay = [], []
-        for p in self._params:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        spec = self._optimizer_spec
-        if callable(spec):
-            self.optimizer = spec(groups)
-        elif spec == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
-        elif spec == "adam":
-            self.optimizer = torch.optim.Adam(groups, lr=self.lr)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=self.lr)
-        sched = self._scheduler_spec
-        if callable(sched):
-            self.scheduler = sched(self.optimizer)
-        elif sched in ("cosine", "linear") or self.warmup_steps:
-            warm, total = self.warmup_steps, max(total_steps, 1)
-
-            def factor(step: int) -> float:
-                if step < warm:
-                    return (step + 1) / warm
-                frac = min((step - warm) / max(total - warm, 1), 1.0)
-                if sched == "cosine":
-                    return 0.5 * (1 + math.cos(math.pi * frac))
-                return 1.0 - frac if sched == "linear" else 1.0
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.optimizer = build_optimizer(self._params, self._optimizer_spec, lr=self.lr,
+                                         weight_decay=self.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, self._scheduler_spec,
+                                         warmup_steps=self.warmup_steps, total_steps=total_steps)
         if self.amp_dtype == torch.float16:
             self.scaler = torch.amp.GradScaler(self.device.type)
 
