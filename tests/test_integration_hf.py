@@ -13,6 +13,7 @@ the install message.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import math
@@ -68,12 +69,15 @@ def char_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerFast:
                                                 cls_token="<cls>")
 
 
+import collections as _collections  # noqa: E402
+import functools as _functools  # noqa: E402
 import json as _json  # noqa: E402
+import pathlib as _pathlib  # noqa: E402
 import shutil as _shutil  # noqa: E402
 import statistics as _statistics  # noqa: E402
 import textwrap as _textwrap  # noqa: E402
 
-LM_TEXTS = docstrings(_textwrap, _json, _shutil)
+LM_TEXTS = docstrings(_textwrap, _json, _shutil, _functools, _collections, _pathlib)
 TOK = char_tokenizer(LM_TEXTS + docstrings(_statistics, __import__("math"), __import__("posixpath")))
 V = len(TOK)
 
@@ -112,7 +116,7 @@ def llama(width: int = 32, seed: int = 1) -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(cfg)
 
 
-def bert(width: int = 16, seed: int = 0) -> transformers.BertForSequenceClassification:
+def bert(width: int = 32, seed: int = 0) -> transformers.BertForSequenceClassification:
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(vocab_size=V, hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=2 * width, max_position_embeddings=64, num_labels=2,
@@ -141,6 +145,26 @@ def losses_of(trainer, key: str = "loss") -> list[float]:
     return [row[key] for row in trainer.state.log_history if key in row and "train_runtime" not in row]
 
 
+@pytest.fixture(scope="module")
+def lm_teacher(tmp_path_factory) -> transformers.LlamaForCausalLM:
+    """A Llama briefly trained on the text with the plain Trainer (a teacher that knows something)."""
+    teacher = llama(width=48)
+    transformers.Trainer(model=teacher, args=args(tmp_path_factory.mktemp("lm_teacher"), max_steps=40,
+                                                  learning_rate=1e-2, logging_steps=100),
+                         train_dataset=lm_dataset(64), data_collator=lm_collator()).train()
+    return teacher.eval()
+
+
+@pytest.fixture(scope="module")
+def cls_teacher(tmp_path_factory) -> transformers.BertForSequenceClassification:
+    """A BERT classifier briefly trained on the labels with the plain Trainer."""
+    teacher = bert(width=48, seed=1)
+    transformers.Trainer(model=teacher, args=args(tmp_path_factory.mktemp("cls_teacher"), max_steps=60,
+                                                  learning_rate=3e-3, logging_steps=100),
+                         train_dataset=cls_dataset(16), data_collator=cls_collator()).train()
+    return teacher.eval()
+
+
 @torch.no_grad()
 def lm_kl(student, teacher, data: list[dict]) -> float:
     """Mean KL(teacher || student) per real token at T = 1 (an independent formula)."""
@@ -156,8 +180,8 @@ def lm_kl(student, teacher, data: list[dict]) -> float:
 # --------------------------------------------------------------------------- training
 
 
-def test_causal_lm_loss_goes_down_and_student_nears_teacher(tmp_path):
-    teacher, student = llama(), gpt2()
+def test_causal_lm_loss_goes_down_and_student_nears_teacher(tmp_path, lm_teacher):
+    teacher, student = lm_teacher, gpt2()
     held_out = lm_dataset(16, offset=32)
     kl_before = lm_kl(student, teacher, held_out)
     trainer = DistillationTrainer(model=student, teacher=teacher, args=args(tmp_path, max_steps=12),
@@ -173,8 +197,8 @@ def test_causal_lm_loss_goes_down_and_student_nears_teacher(tmp_path):
     assert lm_kl(student, teacher, held_out) < 0.7 * kl_before
 
 
-def test_sequence_classification_loss_goes_down_and_student_nears_teacher(tmp_path):
-    teacher, student = bert(width=32, seed=1), bert(width=16, seed=0)
+def test_sequence_classification_loss_goes_down_and_student_nears_teacher(tmp_path, cls_teacher):
+    teacher, student = cls_teacher, bert(seed=0)
     data = cls_dataset(16)
     batch = cls_collator()(data)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
@@ -185,14 +209,14 @@ def test_sequence_classification_loss_goes_down_and_student_nears_teacher(tmp_pa
         return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean").item()
 
     kl_before = kl()
-    trainer = DistillationTrainer(model=student, teacher=teacher, args=args(tmp_path, max_steps=16),
-                                  train_dataset=data, data_collator=cls_collator(), temperature=1.0, alpha=0.5)
+    trainer = DistillationTrainer(model=student, teacher=teacher, args=args(tmp_path, max_steps=48, learning_rate=3e-3),
+                                  train_dataset=data, data_collator=cls_collator(), temperature=2.0, alpha=0.5)
     assert trainer.task == "sequence_classification"
     trainer.train()
     losses = losses_of(trainer)
-    assert sum(losses[-4:]) < sum(losses[:4])
+    assert sum(losses[-4:]) < 0.7 * sum(losses[:4])
     assert kl() < 0.5 * kl_before
-    assert len(losses_of(trainer, "kd_loss")) == len(losses_of(trainer, "ce_loss")) == 16
+    assert len(losses_of(trainer, "kd_loss")) == len(losses_of(trainer, "ce_loss")) == 48
 
 
 class RecordingTrainer(DistillationTrainer):
@@ -212,8 +236,8 @@ def _distiller_losses(student, teacher, batches, lr, **mode_kw) -> list[float]:
     return [row["loss"] for row in result.history if "loss" in row]
 
 
-def test_trainer_matches_distiller_on_the_same_batches_classification(tmp_path):
-    teacher, student = bert(width=32, seed=1), bert(seed=0)
+def test_trainer_matches_distiller_on_the_same_batches_classification(tmp_path, cls_teacher):
+    teacher, student = cls_teacher, bert(seed=0)
     twin = bert(seed=0)
     trainer = RecordingTrainer(model=student, teacher=teacher, args=args(tmp_path, max_steps=6),
                                train_dataset=cls_dataset(16), data_collator=cls_collator(),
@@ -228,10 +252,10 @@ def test_trainer_matches_distiller_on_the_same_batches_classification(tmp_path):
     assert any((p - q).abs().max() > 0 for p, q in zip(student.parameters(), bert(seed=0).parameters()))
 
 
-def test_trainer_matches_distiller_on_the_same_batches_causal_lm(tmp_path):
+def test_trainer_matches_distiller_on_the_same_batches_causal_lm(tmp_path, lm_teacher):
     # Equal-length chunks of text (no padding): the Distiller's Soft mode with a forward that
     # shifts (logits[:, :-1] against labels[:, 1:]) sees exactly the Trainer's rows.
-    teacher, student, twin = llama(), gpt2(seed=0), gpt2(seed=0)
+    teacher, student, twin = lm_teacher, gpt2(seed=0), gpt2(seed=0)
     ids = TOK("\n".join(LM_TEXTS))["input_ids"][:16 * 24]
     data = [{"input_ids": ids[i:i + 24]} for i in range(0, len(ids), 24)]
     trainer = RecordingTrainer(model=student, teacher=teacher, args=args(tmp_path, max_steps=4),
@@ -296,6 +320,27 @@ def test_alpha_one_is_the_models_own_loss(tmp_path):
     torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("ga", [1, 2])
+def test_alpha_one_trains_like_the_plain_trainer(tmp_path, ga):
+    # alpha = 1: the plain Trainer's causal-LM objective, so the two trajectories agree step for step,
+    # gradient accumulation over padded micro-batches included (the Trainer's own token-count scaling).
+    # (A Llama student: for GPT-2, whose loss_type is None, this Trainer counts the unshifted labels
+    # in num_items_in_batch, one token per row too many; DistillationTrainer counts the shifted ones.)
+    runs = []
+    for distil in (False, True):
+        student = llama(width=16, seed=0)
+        kw = dict(model=student, train_dataset=lm_dataset(32), data_collator=lm_collator(),
+                  args=args(tmp_path, max_steps=4, per_device_train_batch_size=8 // ga,
+                            gradient_accumulation_steps=ga))
+        trainer = (DistillationTrainer(teacher=gpt2(seed=3), alpha=1.0, **kw) if distil
+                   else transformers.Trainer(**kw))
+        trainer.train()
+        runs.append((student, losses_of(trainer)))
+    assert runs[1][1] == pytest.approx(runs[0][1], rel=1e-5)
+    for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_select_rows_without_labels_uses_the_attention_mask():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     keep, labels = select_rows("causal_lm", torch.zeros(2, 4, 3), None, mask)
@@ -307,11 +352,11 @@ def test_select_rows_without_labels_uses_the_attention_mask():
     assert (int(rows), int(labelled)) == (2, 1)
 
 
-def test_gradient_accumulation_matches_full_batches_with_padding(tmp_path):
+def test_gradient_accumulation_matches_full_batches_with_padding(tmp_path, lm_teacher):
     runs = {}
     for ga, bs in ((1, 8), (2, 4)):
         student = gpt2(seed=0)
-        trainer = RecordingTrainer(model=student, teacher=llama(), train_dataset=lm_dataset(32),
+        trainer = RecordingTrainer(model=student, teacher=lm_teacher, train_dataset=lm_dataset(32),
                                    args=args(tmp_path, max_steps=4, per_device_train_batch_size=bs,
                                              gradient_accumulation_steps=ga),
                                    data_collator=lm_collator(), temperature=2.0, alpha=0.5)
@@ -356,8 +401,8 @@ def test_teacher_untouched_not_optimised_not_saved(tmp_path):
     assert not any(k.startswith("model.layers") for k in saved)   # Llama teacher keys
 
 
-def test_bf16_teacher_with_bf16_trainer(tmp_path):
-    teacher, student = llama().to(torch.bfloat16), gpt2()
+def test_bf16_teacher_with_bf16_trainer(tmp_path, lm_teacher):
+    teacher, student = copy.deepcopy(lm_teacher).to(torch.bfloat16), gpt2()
     trainer = DistillationTrainer(model=student, teacher=teacher, train_dataset=lm_dataset(32),
                                   args=args(tmp_path, max_steps=8, bf16=True), data_collator=lm_collator(),
                                   temperature=2.0, alpha=0.5)
@@ -369,8 +414,8 @@ def test_bf16_teacher_with_bf16_trainer(tmp_path):
     assert next(student.parameters()).dtype == torch.float32
 
 
-def test_hard_mode_trains(tmp_path):
-    teacher, student = bert(width=32, seed=1), bert(seed=0)
+def test_hard_mode_trains(tmp_path, cls_teacher):
+    teacher, student = cls_teacher, bert(seed=0)
     trainer = DistillationTrainer(model=student, teacher=teacher, mode="hard", train_dataset=cls_dataset(16),
                                   args=args(tmp_path, max_steps=8), data_collator=cls_collator())
     trainer.train()
@@ -382,13 +427,18 @@ def test_hard_mode_trains(tmp_path):
 # --------------------------------------------------------------------------- teacher cache
 
 
-@pytest.mark.parametrize("storage", ["dense", "top8"])
-def test_teacher_cache_path(tmp_path, storage):
-    teacher = llama()
-    data = lm_dataset(16)
-    loader = torch.utils.data.DataLoader(data, batch_size=8, collate_fn=lambda b: {
+def cache_loader(data: list[dict]) -> torch.utils.data.DataLoader:
+    """The teacher's view of ``data`` for TeacherCache.build: padded, in order, without labels."""
+    return torch.utils.data.DataLoader(data, batch_size=8, collate_fn=lambda b: {
         k: v for k, v in lm_collator()(b).items() if k != "labels"})
-    cache = TeacherCache.build(tmp_path / "cache", teacher, loader, temperature=2.0, progress=False, fsync=False,
+
+
+@pytest.mark.parametrize("storage", ["dense", "top8"])
+def test_teacher_cache_path(tmp_path, storage, lm_teacher):
+    teacher = lm_teacher
+    data = lm_dataset(16)
+    cache = TeacherCache.build(tmp_path / "cache", teacher, cache_loader(data), temperature=2.0, progress=False,
+                               fsync=False,
                                storage=Dense(dtype=torch.float32) if storage == "dense" else TopK(k=8))
     runs = {}
     for name, source in (("live", dict(teacher=teacher)), ("cache", dict(teacher_cache=cache))):
@@ -404,15 +454,16 @@ def test_teacher_cache_path(tmp_path, storage):
     if storage == "dense":
         assert runs["cache"][0] == pytest.approx(runs["live"][0], rel=1e-4)
     else:
-        assert runs["cache"][0] != pytest.approx(runs["live"][0], rel=1e-4)     # top-8 of the distribution
-        assert runs["cache"][0] == pytest.approx(runs["live"][0], rel=0.2)
+        # the top 8 of the teacher's distribution (renormalised): another loss, which goes down too
+        assert runs["cache"][0] != pytest.approx(runs["live"][0], rel=1e-2)
+        assert all(math.isfinite(x) for x in runs["cache"][0])
         assert runs["cache"][0][-1] < runs["cache"][0][0]
 
 
 def test_teacher_cache_rejects_another_dataset(tmp_path):
     teacher = llama()
-    cache = TeacherCache.build(tmp_path / "cache", teacher, lm_dataset(8), storage=TopK(k=4), progress=False,
-                               fsync=False)
+    cache = TeacherCache.build(tmp_path / "cache", teacher, cache_loader(lm_dataset(8)), storage=TopK(k=4),
+                               progress=False, fsync=False)
     with pytest.raises(ValueError, match="train_dataset has 16 samples but the teacher cache"):
         DistillationTrainer(model=gpt2(), teacher_cache=cache, train_dataset=lm_dataset(16), args=args(tmp_path))
     with pytest.raises(ValueError, match="tail= is an option of the offline mode, not of 'soft'"):
@@ -423,9 +474,14 @@ def test_teacher_cache_rejects_another_dataset(tmp_path):
 
 
 def test_torch_compile(tmp_path):
+    # aot_eager: the student traced by dynamo and its backward by AOTAutograd, without the minutes
+    # of CPU code generation of the default inductor backend; equal-length batches (one graph).
     teacher, student = llama(), gpt2()
-    trainer = DistillationTrainer(model=student, teacher=teacher, train_dataset=lm_dataset(16),
-                                  args=args(tmp_path, max_steps=2, torch_compile=True),
+    ids = TOK("\n".join(LM_TEXTS))["input_ids"][:16 * 24]
+    data = [{"input_ids": ids[i:i + 24]} for i in range(0, len(ids), 24)]
+    trainer = DistillationTrainer(model=student, teacher=teacher, train_dataset=data,
+                                  args=args(tmp_path, max_steps=2, torch_compile=True,
+                                            torch_compile_backend="aot_eager"),
                                   data_collator=lm_collator(), temperature=2.0, alpha=0.5)
     trainer.train()
     losses = losses_of(trainer)

@@ -426,6 +426,9 @@ class DistillationTrainer(transformers.Trainer):
         options = {k: v for k, v in options.items() if v is not None}
         self.index_column = index_column
         self.teacher_cache: TeacherCache | None = None
+        if teacher is not None and teacher_cache is not None:
+            raise ValueError("DistillationTrainer: pass teacher= (a live teacher model) or teacher_cache= (a kdfast "
+                             "teacher cache), not both")
         if teacher_cache is not None and not isinstance(teacher_cache, TeacherCache):
             if not isinstance(teacher_cache, str):
                 raise TypeError(f"DistillationTrainer: teacher_cache must be a kdfast.cache.TeacherCache or "
