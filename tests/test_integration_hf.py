@@ -30,7 +30,12 @@ pytest.importorskip("tokenizers")
 
 from kdfast.cache import Dense, TeacherCache, TopK  # noqa: E402
 from kdfast.integrations import hf  # noqa: E402
-from kdfast.integrations.hf import DistillationTrainer, count_rows, distillation_loss, select_rows  # noqa: E402
+from kdfast.integrations.hf import (  # noqa: E402
+    DistillationTrainer,
+    count_rows,
+    distillation_loss,
+    select_rows,
+)
 from kdfast.train import Distiller, Soft, make_mode  # noqa: E402
 
 torch.set_num_threads(1)
@@ -97,7 +102,8 @@ def cls_dataset(n_per_class: int = 16, max_len: int = 48) -> list[dict]:
     items = []
     for a, b in zip(files, numbers):                  # interleaved: both classes in every batch
         for text, label in ((a, 0), (b, 1)):
-            items.append({"input_ids": TOK(text, truncation=True, max_length=max_len)["input_ids"], "labels": label})
+            ids = TOK(text, truncation=True, max_length=max_len)["input_ids"]
+            items.append({"input_ids": ids, "labels": label})
     return items
 
 
@@ -173,7 +179,8 @@ def lm_kl(student, teacher, data: list[dict]) -> float:
     s = student.eval()(**inputs).logits.float()
     t = teacher.eval()(**inputs).logits.float()
     keep = batch["attention_mask"].bool()
-    kl = F.kl_div(F.log_softmax(s[keep], -1), F.log_softmax(t[keep], -1), log_target=True, reduction="batchmean")
+    kl = F.kl_div(F.log_softmax(s[keep], -1), F.log_softmax(t[keep], -1), log_target=True,
+                  reduction="batchmean")
     return kl.item()
 
 
@@ -206,11 +213,13 @@ def test_sequence_classification_loss_goes_down_and_student_nears_teacher(tmp_pa
     def kl() -> float:
         with torch.no_grad():
             s, t = student.eval()(**inputs).logits, teacher(**inputs).logits
-        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean").item()
+        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
+                        reduction="batchmean").item()
 
     kl_before = kl()
-    trainer = DistillationTrainer(model=student, teacher=teacher, args=args(tmp_path, max_steps=48, learning_rate=3e-3),
-                                  train_dataset=data, data_collator=cls_collator(), temperature=2.0, alpha=0.5)
+    trainer = DistillationTrainer(model=student, teacher=teacher,
+                                  args=args(tmp_path, max_steps=48, learning_rate=3e-3), train_dataset=data,
+                                  data_collator=cls_collator(), temperature=2.0, alpha=0.5)
     assert trainer.task == "sequence_classification"
     trainer.train()
     losses = losses_of(trainer)
@@ -262,8 +271,8 @@ def test_trainer_matches_distiller_on_the_same_batches_causal_lm(tmp_path, lm_te
                                train_dataset=data, data_collator=lm_collator(), temperature=2.0, alpha=0.5)
     trainer.seen = []
     trainer.train()
-    shifted = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"][:, 1:]}
-               for b in trainer.seen]
+    shifted = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+                "labels": b["labels"][:, 1:]} for b in trainer.seen]
     mode = Soft(teacher, forward=lambda m, inputs: m(**inputs).logits[:, :-1], temperature=2.0, alpha=0.5)
     batches = [{"inputs": {k: b[k] for k in ("input_ids", "attention_mask")}, "labels": b["labels"]}
                for b in shifted]
@@ -348,7 +357,8 @@ def test_select_rows_without_labels_uses_the_attention_mask():
     assert keep.tolist() == [[True, True, False, False], [True, True, True, False]]
     rows, labelled = count_rows("causal_lm", {"attention_mask": mask})
     assert (int(rows), int(labelled)) == (5, 0)
-    rows, labelled = count_rows("sequence_classification", {"input_ids": mask, "labels": torch.tensor([1, -100])})
+    batch = {"input_ids": mask, "labels": torch.tensor([1, -100])}
+    rows, labelled = count_rows("sequence_classification", batch)
     assert (int(rows), int(labelled)) == (2, 1)
 
 
@@ -437,8 +447,8 @@ def cache_loader(data: list[dict]) -> torch.utils.data.DataLoader:
 def test_teacher_cache_path(tmp_path, storage, lm_teacher):
     teacher = lm_teacher
     data = lm_dataset(16)
-    cache = TeacherCache.build(tmp_path / "cache", teacher, cache_loader(data), temperature=2.0, progress=False,
-                               fsync=False,
+    cache = TeacherCache.build(tmp_path / "cache", teacher, cache_loader(data), temperature=2.0,
+                               progress=False, fsync=False,
                                storage=Dense(dtype=torch.float32) if storage == "dense" else TopK(k=8))
     runs = {}
     for name, source in (("live", dict(teacher=teacher)), ("cache", dict(teacher_cache=cache))):
@@ -465,7 +475,8 @@ def test_teacher_cache_rejects_another_dataset(tmp_path):
     cache = TeacherCache.build(tmp_path / "cache", teacher, cache_loader(lm_dataset(8)), storage=TopK(k=4),
                                progress=False, fsync=False)
     with pytest.raises(ValueError, match="train_dataset has 16 samples but the teacher cache"):
-        DistillationTrainer(model=gpt2(), teacher_cache=cache, train_dataset=lm_dataset(16), args=args(tmp_path))
+        DistillationTrainer(model=gpt2(), teacher_cache=cache, train_dataset=lm_dataset(16),
+                            args=args(tmp_path))
     with pytest.raises(ValueError, match="tail= is an option of the offline mode, not of 'soft'"):
         DistillationTrainer(model=gpt2(), teacher=teacher, tail="residual", args=args(tmp_path))
 
@@ -494,9 +505,9 @@ def test_torch_compile(tmp_path):
 
 def test_bad_arguments(tmp_path):
     a = args(tmp_path)
-    with pytest.raises(ValueError, match="teacher= .* or teacher_cache= .*not both"):
+    with pytest.raises(ValueError, match=r"teacher= .* or teacher_cache= .*not both"):
         DistillationTrainer(model=gpt2(), teacher=llama(), teacher_cache=str(tmp_path), args=a)
-    with pytest.raises(ValueError, match="pass teacher= .* or teacher_cache="):
+    with pytest.raises(ValueError, match=r"pass teacher= .* or teacher_cache="):
         DistillationTrainer(model=gpt2(), args=a)
     small = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=V + 3, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))
@@ -512,7 +523,7 @@ def test_bad_arguments(tmp_path):
         DistillationTrainer(model=gpt2(), teacher=llama(), mode="feature", args=a)
     with pytest.raises(ValueError, match="temperature must be finite"):
         DistillationTrainer(model=gpt2(), teacher=llama(), temperature=-1.0, args=a)
-    with pytest.raises(ValueError, match="2 output classes .* but the student 3"):
+    with pytest.raises(ValueError, match=r"2 output classes .* but the student 3"):
         distillation_loss(make_mode("soft", teacher=llama()), torch.zeros(4, 3), torch.zeros(4, 2),
                           task="sequence_classification")
     with pytest.raises(ValueError, match="task must be one of"):

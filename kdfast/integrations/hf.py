@@ -202,7 +202,8 @@ def _teacher_rows(teacher: TeacherBatch, keep: torch.Tensor | None, student_logi
     indices = None if indices is None else indices.to(keep.device)
     if have < seq:
         values = torch.nn.functional.pad(values, (0, 0, 0, seq - have))
-        indices = None if indices is None else torch.nn.functional.pad(indices, (0, 0, 0, seq - have), value=-1)
+        if indices is not None:
+            indices = torch.nn.functional.pad(indices, (0, 0, 0, seq - have), value=-1)
         mask = torch.nn.functional.pad(mask, (0, seq - have), value=False)
     elif have > seq:
         if bool(mask[:, seq:].any()):
@@ -278,20 +279,25 @@ def distillation_loss(mode: DistillMode, student_logits: torch.Tensor, teacher: 
         raise TypeError(f"student_logits must be a tensor, got {type(student_logits).__name__}")
     offline = isinstance(mode, Offline)
     if offline and not isinstance(teacher, TeacherBatch):
-        raise TypeError(f"the offline mode needs teacher= a kdfast.cache.TeacherBatch, got {type(teacher).__name__}")
+        raise TypeError(f"the offline mode needs teacher= a kdfast.cache.TeacherBatch, got "
+                        f"{type(teacher).__name__}")
     if not offline and not isinstance(teacher, torch.Tensor):
         raise TypeError(f"the {mode.name} mode needs teacher= the teacher's logits (a tensor), got "
                         f"{type(teacher).__name__}")
     _check_vocab(student_logits, teacher)
     if not offline and teacher.shape != student_logits.shape:
-        raise ValueError(f"teacher logits {list(teacher.shape)} and student logits {list(student_logits.shape)} "
-                         "differ in shape; they must be outputs on the same batch")
+        raise ValueError(f"teacher logits {list(teacher.shape)} and student logits "
+                         f"{list(student_logits.shape)} differ in shape; they must be outputs on the same "
+                         "batch")
     ii = mode.ignore_index
     keep, y = select_rows(task, student_logits, labels, attention_mask, ignore_index=ii)
     s = student_logits if keep is None else student_logits[keep]
     if y is not None and keep is not None:
         y = y[keep]
-    t = _teacher_rows(teacher, keep, student_logits) if offline else (teacher if keep is None else teacher[keep])
+    if offline:
+        t = _teacher_rows(teacher, keep, student_logits)
+    else:
+        t = teacher if keep is None else teacher[keep]
     n = s.shape[0]
     if n == 0:                                  # nothing to distil (all padding): a zero with a graph
         zero = student_logits.sum() * 0.0
@@ -329,8 +335,8 @@ class _Indexed(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.dataset[i]
         if not isinstance(item, Mapping):
-            raise TypeError(f"DistillationTrainer: with teacher_cache= the train_dataset's items must be dicts "
-                            f"(a tokenizer's output), got {type(item).__name__}")
+            raise TypeError(f"DistillationTrainer: with teacher_cache= the train_dataset's items must be "
+                            f"dicts (a tokenizer's output), got {type(item).__name__}")
         return {**item, self.column: i}
 
 
@@ -417,18 +423,20 @@ class DistillationTrainer(transformers.Trainer):
             raise TypeError(f"DistillationTrainer: model must be the student nn.Module (model_init is not "
                             f"supported), got {type(model).__name__}")
         if not isinstance(index_column, str) or not index_column:
-            raise TypeError(f"DistillationTrainer: index_column must be a non-empty str, got {index_column!r}")
+            raise TypeError(f"DistillationTrainer: index_column must be a non-empty str, got "
+                            f"{index_column!r}")
         self.task = infer_task(model) if task == "auto" else task
         if self.task not in TASKS:
             raise ValueError(f"DistillationTrainer: task must be 'auto' or one of {TASKS}, got {task!r}")
-        options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, softcap=softcap,
-                       threshold=threshold, use_labels=use_labels, tail=tail, backend=backend)
+        options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                       softcap=softcap, threshold=threshold, use_labels=use_labels, tail=tail,
+                       backend=backend)
         options = {k: v for k, v in options.items() if v is not None}
         self.index_column = index_column
         self.teacher_cache: TeacherCache | None = None
         if teacher is not None and teacher_cache is not None:
-            raise ValueError("DistillationTrainer: pass teacher= (a live teacher model) or teacher_cache= (a kdfast "
-                             "teacher cache), not both")
+            raise ValueError("DistillationTrainer: pass teacher= (a live teacher model) or teacher_cache= "
+                             "(a kdfast teacher cache), not both")
         if teacher_cache is not None and not isinstance(teacher_cache, TeacherCache):
             if not isinstance(teacher_cache, str):
                 raise TypeError(f"DistillationTrainer: teacher_cache must be a kdfast.cache.TeacherCache or "
@@ -454,9 +462,6 @@ class DistillationTrainer(transformers.Trainer):
     def _build_mode(self, mode: str | DistillMode, teacher: nn.Module | None,
                     cache: TeacherCache | None, options: dict[str, Any]) -> DistillMode:
         fn = "DistillationTrainer"
-        if teacher is not None and cache is not None:
-            raise ValueError(f"{fn}: pass teacher= (a live teacher model) or teacher_cache= (a kdfast teacher "
-                             "cache), not both")
         if isinstance(mode, DistillMode):
             if not isinstance(mode, _SUPPORTED):
                 raise TypeError(f"{fn}: mode must be a Soft, Hard or Offline mode (or 'soft', 'hard', "
@@ -477,7 +482,8 @@ class DistillationTrainer(transformers.Trainer):
             raise TypeError(f"{fn}: mode must be 'soft', 'hard', 'offline' or a kdfast mode, got "
                             f"{type(mode).__name__}")
         if teacher is None and cache is None:
-            raise ValueError(f"{fn}: pass teacher= (the teacher model) or teacher_cache= (a kdfast teacher cache)")
+            raise ValueError(f"{fn}: pass teacher= (the teacher model) or teacher_cache= (a kdfast teacher "
+                             "cache)")
         if cache is not None and mode == "soft":
             mode = "offline"
         if mode not in ("soft", "hard", "offline"):
@@ -513,8 +519,9 @@ class DistillationTrainer(transformers.Trainer):
             raise TypeError("DistillationTrainer: with teacher_cache= the train_dataset must be map-style "
                             "(indexable, the one the cache was built from)")
         if len(dataset) != len(cache):
-            raise ValueError(f"DistillationTrainer: the train_dataset has {len(dataset)} samples but the teacher "
-                             f"cache {cache.path} holds {len(cache)}; it must be the dataset the cache was built from")
+            raise ValueError(f"DistillationTrainer: the train_dataset has {len(dataset)} samples but the "
+                             f"teacher cache {cache.path} holds {len(cache)}; it must be the dataset the "
+                             "cache was built from")
         first = dataset[0] if len(dataset) else None
         if isinstance(first, Mapping) and self.index_column in first:
             return dataset
@@ -542,9 +549,9 @@ class DistillationTrainer(transformers.Trainer):
                       ) -> torch.Tensor | TeacherBatch:
         if self.teacher_cache is not None:
             if index is None:
-                raise ValueError(f"DistillationTrainer: the batch has no {self.index_column!r} column (the teacher "
-                                 "cache's row of each sample); evaluation with a teacher cache needs eval items "
-                                 "carrying it")
+                raise ValueError(f"DistillationTrainer: the batch has no {self.index_column!r} column (the "
+                                 "teacher cache's row of each sample); evaluation with a teacher cache needs "
+                                 "eval items carrying it")
             rows = index.tolist() if isinstance(index, torch.Tensor) else list(index)
             return collate_teacher([self.teacher_cache[int(i)] for i in rows]).to(device)
         teacher = self.teacher
