@@ -192,10 +192,12 @@ def test_causal_lm_loss_goes_down_and_student_nears_teacher(tmp_path, lm_teacher
     held_out = lm_dataset(16, offset=32)
     kl_before = lm_kl(student, teacher, held_out)
     trainer = DistillationTrainer(model=student, teacher=teacher, args=args(tmp_path, max_steps=12),
-                                  train_dataset=lm_dataset(32), data_collator=lm_collator(),
-                                  temperature=2.0, alpha=0.5)
+                                  train_dataset=lm_dataset(32), eval_dataset=held_out,
+                                  data_collator=lm_collator(), temperature=2.0, alpha=0.5)
     assert trainer.task == "causal_lm"
+    eval_before = trainer.evaluate()["eval_loss"]
     trainer.train()
+    assert trainer.evaluate()["eval_loss"] < 0.8 * eval_before          # the same loss on held-out text
     losses, kd, ce = losses_of(trainer), losses_of(trainer, "kd_loss"), losses_of(trainer, "ce_loss")
     assert len(losses) == len(kd) == len(ce) == 12
     for total, k, c in zip(losses, kd, ce):                      # loss = (1 - a) kd + a ce, logged apart

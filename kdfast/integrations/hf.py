@@ -377,7 +377,8 @@ class DistillationTrainer(transformers.Trainer):
         teacher: the teacher model (same vocabulary / classes). It is put in eval mode
             with ``requires_grad=False`` (in place), run under ``torch.no_grad()``, moved
             to the student's device on first use (its dtype is kept: a bfloat16 teacher
-            with a float32 student works), and is not trained, optimised or saved.
+            with a float32 student works; a teacher loaded with ``device_map=`` stays
+            where it is and gets the inputs there), and is not trained, optimised or saved.
         teacher_cache: a :class:`kdfast.cache.TeacherCache` (or its folder) of the
             ``train_dataset``: row ``i`` of the cache is sample ``i``. Items get their
             index under ``index_column`` automatically (when they do not carry it
@@ -456,6 +457,12 @@ class DistillationTrainer(transformers.Trainer):
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_steps = 0
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if "loss_is_scaled_for_ga" not in vars(transformers.Trainer) and \
+                self.args.gradient_accumulation_steps > 1:
+            raise RuntimeError(f"DistillationTrainer: this transformers ({transformers.__version__}) "
+                               "has no Trainer.loss_is_scaled_for_ga, so its gradient-accumulation scaling "
+                               "cannot be told that the loss is already normalised; upgrade transformers or "
+                               "use gradient_accumulation_steps=1")
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -557,6 +564,9 @@ class DistillationTrainer(transformers.Trainer):
         teacher = self.teacher
         p = next(teacher.parameters(), None)
         if p is not None and p.device != device:
+            if getattr(teacher, "hf_device_map", None):       # placed by accelerate (device_map=...): stays
+                moved = {k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+                return self.distillation.teacher_logits(moved).to(device)
             self.distillation.to(device)           # moves the teacher, keeps its dtype
         return self.distillation.teacher_logits(inputs)
 
