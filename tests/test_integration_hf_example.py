@@ -23,8 +23,8 @@ SCRIPT = ROOT / "examples" / "hf_trainer_distill.py"
                          ids=["live", "cache_ga2"])
 def test_quick_run(tmp_path, extra):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--steps", "6", "--teacher-steps", "20", "--temperature", "2",
-           "--alpha", "0.5", "--out", str(tmp_path), *extra]
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--steps", "6", "--teacher-steps", "20",
+           "--temperature", "2", "--alpha", "0.5", "--out", str(tmp_path), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
