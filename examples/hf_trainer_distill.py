@@ -12,7 +12,7 @@
 Text: the first paragraph of every public function / class docstring of a set of the Python
 standard library's modules (the running interpreter's own), split into train / held-out.
 
-    python examples/hf_trainer_distill.py                     # about a minute on 2 CPU cores
+    python examples/hf_trainer_distill.py                     # about 3 minutes on 2 CPU cores
     python examples/hf_trainer_distill.py --quick --steps 6   # tiny, seconds
     python examples/hf_trainer_distill.py --cache --gradient-accumulation 2 --bf16
 
