@@ -45,6 +45,7 @@ from torch import nn
 
 from kdfast.cache import TeacherBatch, TeacherCache, collate_teacher
 from kdfast.integrations import require
+from kdfast.train._batch import logits_of
 from kdfast.train.modes import DistillMode, Hard, Offline, Soft, make_mode
 
 transformers = require("transformers", extra="hf", feature="kdfast.integrations.hf")
@@ -350,19 +351,6 @@ def _output_size(model: nn.Module, task: str) -> int | None:
     return getattr(config, "vocab_size", None)
 
 
-def _logits_of(outputs: Any) -> torch.Tensor:
-    logits = getattr(outputs, "logits", None)
-    if logits is None and isinstance(outputs, Mapping):
-        logits = outputs.get("logits")
-    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
-        logits = outputs[0]
-    if isinstance(outputs, torch.Tensor):
-        logits = outputs
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"DistillationTrainer: the model returned {type(outputs).__name__} without logits")
-    return logits
-
-
 class DistillationTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` that trains the student ``model`` by kdfast distillation.
 
@@ -578,7 +566,7 @@ class DistillationTrainer(transformers.Trainer):
         labels = inputs.pop("labels", None)
         index = inputs.pop(self.index_column, None)
         outputs = model(**inputs)
-        logits = _logits_of(outputs)
+        logits = logits_of(outputs, "DistillationTrainer: the student")
         teacher = self._teacher_side(inputs, index, logits.device)
         training = model.training and self._window is not None
         loss, parts = distillation_loss(self.distillation, logits, teacher, labels, task=self.task,
