@@ -442,6 +442,7 @@ class DistillationTrainer(transformers.Trainer):
             trainer_kwargs["train_dataset"] = self._index_dataset(trainer_kwargs.get("train_dataset"),
                                                                   teacher_cache)
         self._window: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scale = 1
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_steps = 0
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
@@ -536,7 +537,18 @@ class DistillationTrainer(transformers.Trainer):
         if batch_samples:
             ii = self.distillation.ignore_index
             counts = [count_rows(self.task, b, ignore_index=ii) for b in batch_samples]
-            self._window = (sum(c[0] for c in counts), sum(c[1] for c in counts))
+            rows = torch.stack([sum(c[0] for c in counts), sum(c[1] for c in counts)]).to(device)
+            self._scale = 1
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                # every process's rows: each term is a mean over the global accumulated batch, and
+                # each process's loss is scaled by the process count, which DDP's gradient average
+                # undoes (as the Trainer does with num_items_in_batch)
+                rows = self.accelerator.gather(rows[None]).sum(0)
+                same = self.get_tp_size() * self.get_cp_size() * self.get_sp_size()
+                if same > 1:                     # ranks that share a batch counted it more than once
+                    rows = rows / same
+                self._scale = self.accelerator.num_processes // self.get_tp_size()
+            self._window = (rows[0], rows[1])
             self._part_steps += 1
         return batch_samples, num_items
 
@@ -573,6 +585,9 @@ class DistillationTrainer(transformers.Trainer):
                                         attention_mask=inputs.get("attention_mask"),
                                         totals=self._window if training else None)
         if training:
+            if self._scale != 1:
+                loss = loss * self._scale
+                parts = {k: v * self._scale for k, v in parts.items()}
             for k, v in parts.items():
                 self._part_sums[k] = self._part_sums[k] + v if k in self._part_sums else v.clone()
         return (loss, outputs) if return_outputs else loss
