@@ -8,7 +8,8 @@ process); ``--batch`` is per process. Runs: ``exact`` (the default
 ``local`` (``average_tokens_across_devices=False``, each process's own mean).
 
 ``lightning``: :class:`kdfast.integrations.lightning.DistillationModule` on scikit-learn's
-8x8 digits in order (``shuffle=False``), then ``trainer.validate`` on 356 held-out digits.
+8x8 digits (Lightning's ``DistributedSampler`` order with two processes, that order given
+as the sampler with one), then ``trainer.validate`` on 356 held-out digits.
 
 Every rank gathers what it saw; rank 0 writes ``result.json`` and the final weights
 ``<run>.pt`` into ``--out``.
@@ -48,7 +49,7 @@ def gather(obj):
 
 def hf_runs(out: Path, batch: int, steps: int) -> dict:
     import transformers
-    from test_integration_hf import TOK, args, gpt2, llama, lm_collator, lm_dataset
+    from test_integration_hf import args, gpt2, llama, lm_collator, lm_dataset
 
     from kdfast.integrations.hf import DistillationTrainer, count_rows
 
@@ -83,10 +84,10 @@ def hf_runs(out: Path, batch: int, steps: int) -> dict:
         history = [row for row in trainer.state.log_history if "loss" in row and "train_runtime" not in row]
         results[name] = {
             "loss": [row["loss"] for row in history], "kd": [row["kd_loss"] for row in history],
-            "ce": [row["ce_loss"] for row in history], "seen": gather(trainer.seen),
-            "pad": TOK.pad_token_id}
+            "ce": [row["ce_loss"] for row in history], "seen": gather(trainer.seen)}
         if distributed.is_main_process():
-            torch.save({k: v.detach().clone() for k, v in student.state_dict().items()}, out / f"hf_{name}.pt")
+            state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            torch.save(state, out / f"hf_{name}.pt")
     return results
 
 
@@ -117,9 +118,11 @@ def lightning_run(out: Path, batch: int, steps: int) -> dict:
     class Losses(pl.Callback):
         def __init__(self) -> None:
             self.local: list[float] = []
+            self.batches: list[list[int]] = []
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.local.append(float(outputs["loss"]))
+            self.batches.append(batch[1].tolist())
 
     train, test = digits()
     teacher = teacher_for(train)
@@ -132,19 +135,26 @@ def lightning_run(out: Path, batch: int, steps: int) -> dict:
     trainer = pl.Trainer(accelerator="cpu", devices=world(), strategy="ddp" if world() > 1 else "auto",
                          max_steps=steps, logger=logger, log_every_n_steps=1, callbacks=[losses],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(module, DataLoader(train, batch_size=batch, shuffle=False))
+                         num_sanity_val_steps=0)
+    if world() > 1:         # Lightning gives the training loader a shuffling DistributedSampler
+        loader = DataLoader(train, batch_size=batch, shuffle=False)
+    else:                   # its order (seed 0, epoch 0): the 2-process run's global batches
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+        loader = DataLoader(train, batch_size=batch, sampler=order)
+    trainer.fit(module, loader)
     metrics = trainer.validate(module, DataLoader(val, batch_size=50), verbose=False)[0]
     if distributed.is_main_process():
         torch.save({k: v.detach().clone() for k, v in student.state_dict().items()}, out / "lightning.pt")
-    return {"local": gather(losses.local), "logged": [r for r in logger.rows if "train/loss_step" in r],
+    return {"local": gather(losses.local), "batches": gather(losses.batches),
+            "logged": [r for r in logger.rows if "train/loss_step" in r],
             "val": metrics, "steps": trainer.global_step}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--batch", type=int, required=True, help="per-process batch size")
+    parser.add_argument("--batch", type=int, required=True,
+                        help="per-process batch size (Lightning: twice this)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--only", choices=("hf", "lightning"), default=None)
     a = parser.parse_args()
@@ -155,7 +165,7 @@ def main() -> int:
     if a.only in (None, "hf"):
         result["hf"] = hf_runs(out, a.batch, a.steps)
     if a.only in (None, "lightning"):
-        result["lightning"] = lightning_run(out, a.batch, a.steps)
+        result["lightning"] = lightning_run(out, 2 * a.batch, a.steps)
     if distributed.is_main_process():
         (out / "result.json").write_text(json.dumps(result))
     return 0

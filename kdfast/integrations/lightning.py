@@ -408,10 +408,14 @@ class DistillationModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out: StepOutput = self.mode(self.student, batch)
         n = _batch_rows(batch)
-        self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        # sync_dist: with several processes the logged values are the mean over the processes
+        # (each one's own is only its share of the batch); a no-op in one process
+        self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n,
+                 sync_dist=True)
         if self.log_parts:
             for name, value in out.parts.items():
-                self.log(f"train/{name}", value.float(), on_step=True, on_epoch=True, batch_size=n)
+                self.log(f"train/{name}", value.float(), on_step=True, on_epoch=True, batch_size=n,
+                         sync_dist=True)
         return out.loss
 
     def on_validation_epoch_start(self) -> None:
