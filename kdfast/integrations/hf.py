@@ -32,6 +32,18 @@ The loss, per mode (``T`` the temperature, ``a`` = ``alpha``)::
 Gradient accumulation: each term is averaged over its rows in the *whole* accumulated
 batch (all micro-batches of one optimizer step), so ``gradient_accumulation_steps=2``
 with half the per-device batch trains like one batch twice the size, padding included.
+
+Several processes (``torchrun`` / ``accelerate launch``, DDP): with the ``Trainer``'s
+default ``average_tokens_across_devices=True`` the row counts are summed over all
+processes as well, so each term is the mean over the *global* batch however the rows
+(tokens) fall on the processes, and each process's loss is scaled by the process count,
+which DDP's averaging of the gradients undoes (as the ``Trainer`` does for its own loss
+with ``num_items_in_batch``). ``N`` processes with ``per_device_train_batch_size=b``
+then take the steps of one process with batch ``N * b`` on the same samples, and the
+logged ``loss`` / ``kd_loss`` / ``ce_loss`` are those of the global batch. With
+``average_tokens_across_devices=False`` each process normalises by its own rows (one
+fewer collective per step; the steps are then exact only when every process has as many
+rows as the others).
 """
 
 from __future__ import annotations
@@ -387,7 +399,13 @@ class DistillationTrainer(transformers.Trainer):
 
     Logged: ``loss`` as usual and, next to it, ``kd_loss`` and ``ce_loss`` (the
     distillation and hard-label parts, weighted so that ``loss = (1 - alpha) * kd_loss
-    + alpha * ce_loss``), averaged over each logging interval.
+    + alpha * ce_loss``), averaged over each logging interval; with several processes,
+    those of the global batch.
+
+    Several processes: each term is normalised by its rows in the global accumulated
+    batch (all processes, all micro-batches) when ``average_tokens_across_devices`` is
+    on (the default), so a DDP run trains like one process with the whole batch; see
+    the module's documentation.
 
     Example::
 
@@ -532,7 +550,9 @@ class DistillationTrainer(transformers.Trainer):
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """The ``Trainer``'s, plus the row counts of the accumulated batch (one call per
-        optimizer step) that :meth:`compute_loss` normalises by."""
+        optimizer step) that :meth:`compute_loss` normalises by: summed over the
+        processes too when ``args.average_tokens_across_devices`` is on and there are
+        several (one all-gather of two integers)."""
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples:
             ii = self.distillation.ignore_index
@@ -573,7 +593,8 @@ class DistillationTrainer(transformers.Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The distillation loss of one (micro-)batch (see :func:`distillation_loss`);
-        while training, normalised over the whole accumulated batch."""
+        while training, normalised over the whole accumulated batch (of all processes,
+        times the process count, see :meth:`get_batch_samples`)."""
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         index = inputs.pop(self.index_column, None)
