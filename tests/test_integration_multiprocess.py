@@ -146,3 +146,22 @@ def test_lightning_validation_metrics_are_those_of_the_whole_set(runs) -> None:
     assert got["val/nll"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
     agree = (logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item()
     assert got["val/agreement"] == pytest.approx(agree, abs=1e-6)
+
+
+def test_hf_a_batch_of_padding_only_has_the_parts_of_the_others() -> None:
+    """Each process's part sums are gathered for the logs, so a process whose batch has no
+    row to distil must report the same parts (zeros) as the others."""
+    from kdfast.integrations.hf import distillation_loss
+    from kdfast.train import Soft
+
+    mode = Soft(nn.Linear(3, 5), temperature=2.0, alpha=0.5)
+    student = torch.randn(2, 4, 5, requires_grad=True)
+    teacher = torch.randn(2, 4, 5)
+    padding = torch.full((2, 4), -100)
+    loss, parts = distillation_loss(mode, student, teacher, padding, task="causal_lm", totals=(7, 7))
+    assert sorted(parts) == ["ce", "kd"] and loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+    labels = torch.tensor([[1, 2, 3, -100], [4, 0, -100, -100]])
+    loss, parts = distillation_loss(mode, student, teacher, labels, task="causal_lm", totals=(7, 7))
+    assert sorted(parts) == ["ce", "kd"] and loss.item() > 0

@@ -314,7 +314,10 @@ def distillation_loss(mode: DistillMode, student_logits: torch.Tensor, teacher: 
     n = s.shape[0]
     if n == 0:                                  # nothing to distil (all padding): a zero with a graph
         zero = student_logits.sum() * 0.0
-        return zero, {"kd": zero.detach()}
+        parts = {"kd": zero.detach()}
+        if not isinstance(mode, Hard) and mode.alpha > 0 and y is not None:
+            parts["ce"] = zero.detach()         # the same parts as other batches (gathered for the logs)
+        return zero, parts
     rows_total, labelled_total = (n, None) if totals is None else totals
     share = n / rows_total if totals is not None else 1.0
     if isinstance(mode, Hard):
