@@ -32,6 +32,18 @@ The loss, per mode (``T`` the temperature, ``a`` = ``alpha``)::
 Gradient accumulation: each term is averaged over its rows in the *whole* accumulated
 batch (all micro-batches of one optimizer step), so ``gradient_accumulation_steps=2``
 with half the per-device batch trains like one batch twice the size, padding included.
+
+Several processes (``torchrun`` / ``accelerate launch``, DDP): with the ``Trainer``'s
+default ``average_tokens_across_devices=True`` the row counts are summed over all
+processes as well, so each term is the mean over the *global* batch however the rows
+(tokens) fall on the processes, and each process's loss is scaled by the process count,
+which DDP's averaging of the gradients undoes (as the ``Trainer`` does for its own loss
+with ``num_items_in_batch``). ``N`` processes with ``per_device_train_batch_size=b``
+then take the steps of one process with batch ``N * b`` on the same samples, and the
+logged ``loss`` / ``kd_loss`` / ``ce_loss`` are those of the global batch. With
+``average_tokens_across_devices=False`` each process normalises by its own rows (one
+fewer collective per step; the steps are then exact only when every process has as many
+rows as the others).
 """
 
 from __future__ import annotations
@@ -302,7 +314,10 @@ def distillation_loss(mode: DistillMode, student_logits: torch.Tensor, teacher: 
     n = s.shape[0]
     if n == 0:                                  # nothing to distil (all padding): a zero with a graph
         zero = student_logits.sum() * 0.0
-        return zero, {"kd": zero.detach()}
+        parts = {"kd": zero.detach()}
+        if not isinstance(mode, Hard) and mode.alpha > 0 and y is not None:
+            parts["ce"] = zero.detach()         # the same parts as other batches (gathered for the logs)
+        return zero, parts
     rows_total, labelled_total = (n, None) if totals is None else totals
     share = n / rows_total if totals is not None else 1.0
     if isinstance(mode, Hard):
@@ -387,7 +402,13 @@ class DistillationTrainer(transformers.Trainer):
 
     Logged: ``loss`` as usual and, next to it, ``kd_loss`` and ``ce_loss`` (the
     distillation and hard-label parts, weighted so that ``loss = (1 - alpha) * kd_loss
-    + alpha * ce_loss``), averaged over each logging interval.
+    + alpha * ce_loss``), averaged over each logging interval; with several processes,
+    those of the global batch.
+
+    Several processes: each term is normalised by its rows in the global accumulated
+    batch (all processes, all micro-batches) when ``average_tokens_across_devices`` is
+    on (the default), so a DDP run trains like one process with the whole batch; see
+    the module's documentation.
 
     Example::
 
@@ -442,6 +463,7 @@ class DistillationTrainer(transformers.Trainer):
             trainer_kwargs["train_dataset"] = self._index_dataset(trainer_kwargs.get("train_dataset"),
                                                                   teacher_cache)
         self._window: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scale = 1
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_steps = 0
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
@@ -531,12 +553,25 @@ class DistillationTrainer(transformers.Trainer):
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """The ``Trainer``'s, plus the row counts of the accumulated batch (one call per
-        optimizer step) that :meth:`compute_loss` normalises by."""
+        optimizer step) that :meth:`compute_loss` normalises by: summed over the
+        processes too when ``args.average_tokens_across_devices`` is on and there are
+        several (one all-gather of two integers)."""
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples:
             ii = self.distillation.ignore_index
             counts = [count_rows(self.task, b, ignore_index=ii) for b in batch_samples]
-            self._window = (sum(c[0] for c in counts), sum(c[1] for c in counts))
+            rows = torch.stack([sum(c[0] for c in counts), sum(c[1] for c in counts)]).to(device)
+            self._scale = 1
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                # every process's rows: each term is a mean over the global accumulated batch, and
+                # each process's loss is scaled by the process count, which DDP's gradient average
+                # undoes (as the Trainer does with num_items_in_batch)
+                rows = self.accelerator.gather(rows[None]).sum(0)
+                same = self.get_tp_size() * self.get_cp_size() * self.get_sp_size()
+                if same > 1:                     # ranks that share a batch counted it more than once
+                    rows = rows / same
+                self._scale = self.accelerator.num_processes // self.get_tp_size()
+            self._window = (rows[0], rows[1])
             self._part_steps += 1
         return batch_samples, num_items
 
@@ -561,7 +596,8 @@ class DistillationTrainer(transformers.Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The distillation loss of one (micro-)batch (see :func:`distillation_loss`);
-        while training, normalised over the whole accumulated batch."""
+        while training, normalised over the whole accumulated batch (of all processes,
+        times the process count, see :meth:`get_batch_samples`)."""
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         index = inputs.pop(self.index_column, None)
@@ -573,6 +609,9 @@ class DistillationTrainer(transformers.Trainer):
                                         attention_mask=inputs.get("attention_mask"),
                                         totals=self._window if training else None)
         if training:
+            if self._scale != 1:
+                loss = loss * self._scale
+                parts = {k: v * self._scale for k, v in parts.items()}
             for k, v in parts.items():
                 self._part_sums[k] = self._part_sums[k] + v if k in self._part_sums else v.clone()
         return (loss, outputs) if return_outputs else loss

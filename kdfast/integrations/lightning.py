@@ -214,10 +214,18 @@ class DistillationModule(pl.LightningModule):
     ``DataLoader`` iterator draws a seed, from the global generator otherwise). Else the
     continuation is valid but not the same.
 
-    With several processes each one evaluates its share of the validation data and the
-    metrics are computed from the totals of all shares
-    (:meth:`~kdfast.train.metrics.MetricTracker.all_reduce`; Lightning's distributed
-    sampler may repeat a few samples to even the shares out).
+    Several processes (``strategy="ddp"``): each process's loss is the mean over its own
+    batch and DDP averages the gradients, so ``N`` processes with batch ``b`` take the
+    steps of one process with batch ``N * b`` on the same samples when every process's
+    batch has as many rows (samples with a label) as the others (equal batch sizes, no
+    ``-100`` labels); the logged ``train/...`` values are the mean over the processes
+    (``sync_dist``). Lightning gives the training loader a ``DistributedSampler`` that
+    shuffles (seed 0, or ``seed_everything``'s) even when the loader did not, unless
+    ``Trainer(use_distributed_sampler=False)``. Each process evaluates its share of the
+    validation data and the metrics are computed from the totals of all shares
+    (:meth:`~kdfast.train.metrics.MetricTracker.all_reduce`), which are those of the
+    whole set when its size is a multiple of the process count (else Lightning's
+    distributed sampler repeats a few samples to even the shares out).
 
     Args:
         student: the model to train; ``student(inputs)`` (``student(**inputs)`` for a
@@ -408,10 +416,14 @@ class DistillationModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out: StepOutput = self.mode(self.student, batch)
         n = _batch_rows(batch)
-        self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        # sync_dist: with several processes the logged values are the mean over the processes
+        # (each one's own is only its share of the batch); a no-op in one process
+        self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n,
+                 sync_dist=True)
         if self.log_parts:
             for name, value in out.parts.items():
-                self.log(f"train/{name}", value.float(), on_step=True, on_epoch=True, batch_size=n)
+                self.log(f"train/{name}", value.float(), on_step=True, on_epoch=True, batch_size=n,
+                         sync_dist=True)
         return out.loss
 
     def on_validation_epoch_start(self) -> None:
