@@ -677,9 +677,12 @@ class DistillationCallback(pl.Callback):
         kd = sum(self._soft.loss_from_logits(s, t, None)[0] for s, t in captured) / len(captured)
         loss = self.alpha * task + (1.0 - self.alpha) * kd
         n = captured[0][0].reshape(-1, captured[0][0].shape[-1]).shape[0]
-        pl_module.log("distill/kd", kd.detach(), on_step=True, on_epoch=True, batch_size=n)
-        pl_module.log("distill/task_loss", task.detach(), on_step=True, on_epoch=True, batch_size=n)
-        pl_module.log("distill/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=n)
+        pl_module.log("distill/kd", kd.detach(), on_step=True, on_epoch=True, batch_size=n,
+                      sync_dist=True)
+        pl_module.log("distill/task_loss", task.detach(), on_step=True, on_epoch=True, batch_size=n,
+                      sync_dist=True)
+        pl_module.log("distill/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=n,
+                      sync_dist=True)
         if isinstance(result, Mapping):
             return {**result, "loss": loss}
         return loss
