@@ -46,7 +46,7 @@ from torch import nn
 from kdfast.integrations import require
 from kdfast.train._batch import batch_size, logits_of, move_to, paired, unpack
 from kdfast.train.metrics import MetricTracker
-from kdfast.train.modes import DistillMode, Soft, StepOutput, make_mode
+from kdfast.train.modes import DistillMode, Soft, StepOutput, resolve_mode
 from kdfast.train.optim import build_optimizer, build_scheduler, check_specs
 
 __all__ = ["DistillationCallback", "DistillationModule", "lightning_module"]
@@ -282,18 +282,7 @@ class DistillationModule(pl.LightningModule):
                  log_parts: bool = True, restore_rng: bool = True, **mode_options: Any) -> None:
         super().__init__()
         cls = "DistillationModule"
-        if not isinstance(student, nn.Module):
-            raise TypeError(f"{cls}: student must be an nn.Module, got {type(student).__name__}")
-        if isinstance(mode, str):
-            mode = make_mode(mode, **mode_options)
-        elif mode_options:
-            raise TypeError(f"{cls}: got mode options {sorted(mode_options)} with a mode object; "
-                            "pass them to the mode instead")
-        if not isinstance(mode, DistillMode):
-            raise TypeError(f"{cls}: mode must be a kdfast.train DistillMode or a mode name, "
-                            f"got {type(mode).__name__}")
-        if any(t is student for t in mode.teachers):
-            raise ValueError(f"{cls}: the student is also the mode's frozen teacher; give separate models")
+        mode = resolve_mode(cls, student, mode, mode_options)
         check_specs(cls, optimizer, scheduler)
         self.student = student
         self.mode = mode

@@ -19,7 +19,7 @@ from kdfast.train import distributed as _dist
 from kdfast.train import metrics as _metrics
 from kdfast.train._batch import move_to, paired, unpack
 from kdfast.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from kdfast.train.modes import DistillMode, make_mode
+from kdfast.train.modes import DistillMode, resolve_mode
 from kdfast.train.optim import build_optimizer, build_scheduler, check_specs
 
 __all__ = ["Distiller", "FitResult"]
@@ -144,16 +144,7 @@ class Distiller:
                  save_every: int | None = None, log_every: int = 10, progress: bool = True,
                  callbacks: Sequence[Callback] = (), shard_data: bool | None = None, data_seed: int = 0,
                  **mode_options: Any) -> None:
-        if not isinstance(student, nn.Module):
-            raise TypeError(f"Distiller: student must be an nn.Module, got {type(student).__name__}")
-        if isinstance(mode, str):
-            mode = make_mode(mode, **mode_options)
-        elif mode_options:
-            raise TypeError(f"Distiller: got mode options {sorted(mode_options)} with a mode object; "
-                            "pass them to the mode instead")
-        if not isinstance(mode, DistillMode):
-            raise TypeError(f"Distiller: mode must be a DistillMode or a mode name, "
-                            f"got {type(mode).__name__}")
+        mode = resolve_mode("Distiller", student, mode, mode_options)
         self.student, self.mode = student, mode
         check_specs("Distiller", optimizer, scheduler)
         self._optimizer_spec, self._scheduler_spec = optimizer, scheduler
