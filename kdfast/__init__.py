@@ -18,6 +18,12 @@ from kdfast.attention import AttentionTransferLoss, attention_transfer_loss
 from kdfast.dkd import DKDLoss, dkd_loss
 from kdfast.feature import FeatureLoss, feature_loss
 from kdfast.functional import DIVERGENCES, REDUCTIONS, kd_loss
+from kdfast.fused_linear import (
+    FusedLinearKDLoss,
+    FusedLinearSparseKDLoss,
+    fused_linear_kd_loss,
+    fused_linear_sparse_kd_loss,
+)
 from kdfast.hint import HintLoss
 from kdfast.losses import KDLoss
 from kdfast.relational import PKTLoss, RKDLoss, SPLoss, pkt_loss, rkd_loss, sp_loss
@@ -29,6 +35,8 @@ __all__ = [
     "AttentionTransferLoss",
     "DKDLoss",
     "FeatureLoss",
+    "FusedLinearKDLoss",
+    "FusedLinearSparseKDLoss",
     "HintLoss",
     "KDLoss",
     "PKTLoss",
@@ -39,6 +47,8 @@ __all__ = [
     "build_info",
     "dkd_loss",
     "feature_loss",
+    "fused_linear_kd_loss",
+    "fused_linear_sparse_kd_loss",
     "has_extension",
     "has_kernel",
     "kd_loss",
