@@ -268,6 +268,8 @@ def test_bad_arguments_give_clear_errors():
         causal_lm_sparse_kd_loss(student, torch.zeros(4, 3, 2, dtype=torch.long), torch.zeros(4, 3, 2), batch)
     with pytest.raises(ValueError, match="without 'labels'"):
         lm_head_inputs(student, batch)
+    with pytest.raises(TypeError, match=r"the student is compiled \(torch.compile\)"):
+        causal_lm_kd_loss(torch.compile(student, backend="eager"), teacher, batch)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -346,6 +348,10 @@ def test_trainer_option_refuses_what_it_cannot_do(tmp_path):
         DistillationTrainer(model=gpt2(), teacher=teacher, chunk_size=8, **common)
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
         DistillationTrainer(model=gpt2(), teacher=teacher, chunk_size=0, fused_linear=True, **common)
+    with pytest.raises(ValueError, match="fused_linear=True does not work with torch_compile=True"):
+        DistillationTrainer(model=gpt2(), teacher=teacher, fused_linear=True,
+                            **{**common, "args": args(tmp_path, torch_compile=True,
+                                                      torch_compile_backend="eager")})
     with pytest.raises(TypeError, match="fused_linear must be a bool"):
         DistillationTrainer(model=gpt2(), teacher=teacher, fused_linear="yes", **common)
     cache = TeacherCache.build(tmp_path / "dense", teacher, _cache_loader(data), storage=Dense(),

@@ -481,6 +481,10 @@ class DistillationTrainer(transformers.Trainer):
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_steps = 0
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if self.fused_linear and self.args.torch_compile:
+            raise ValueError("DistillationTrainer: fused_linear=True does not work with torch_compile=True "
+                             "(the LM head's input is taken by a forward hook, which compiled code does not "
+                             "run)")
         if "loss_is_scaled_for_ga" not in vars(transformers.Trainer) and \
                 self.args.gradient_accumulation_steps > 1:
             raise RuntimeError(f"DistillationTrainer: this transformers ({transformers.__version__}) "

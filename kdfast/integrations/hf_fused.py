@@ -10,7 +10,7 @@ gradients are those of the same loss on the full logits
 (:func:`kdfast.integrations.hf.distillation_loss` with the model's ``.logits``).
 
 How the hidden states are taken. The model is called as usual (``model(**batch)``,
-through any wrapper: DDP, ``accelerate``), with a forward pre-hook on its output
+through a DDP / ``accelerate`` wrapper; not compiled), with a forward pre-hook on its output
 embeddings (``model.get_output_embeddings()``) that keeps the head's input and hands
 the head only the first position, so the model computes ``[B, 1, V]`` logits instead of
 ``[B, L, V]``. Whatever the model does to the hidden states before its head is thus
@@ -153,6 +153,9 @@ def lm_head_inputs(model: nn.Module, inputs: Mapping[str, Any], *, fn: str = "lm
     """
     head = _head_of(fn, who, model)
     inner = _unwrap(model)
+    if model is not inner and isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(f"{fn}: {who} is compiled (torch.compile); the LM head's input is taken by a forward "
+                        "hook, which compiled code does not run: pass the model uncompiled (model._orig_mod)")
     if "labels" in inputs:
         raise ValueError(f"{fn}: pass the inputs without 'labels' (the labels are shifted and used by the "
                          "distillation loss, not by the model)")
@@ -170,8 +173,10 @@ def lm_head_inputs(model: nn.Module, inputs: Mapping[str, Any], *, fn: str = "lm
     finally:
         handle.remove()
     if len(kept) != 1:
-        raise RuntimeError(f"{fn}: {who}'s LM head ran {len(kept)} times in one forward pass; a causal LM "
-                           "whose head runs once per forward is needed")
+        why = (" (a torch.compile'd model does not run the forward hook that takes the head's input: pass "
+               "the model uncompiled, e.g. model._orig_mod)" if not kept else "")
+        raise RuntimeError(f"{fn}: {who}'s LM head ran {len(kept)} times in one forward pass{why}; a causal "
+                           "LM whose head runs once per forward is needed")
     hidden = kept[0]
     weight, bias = head.weight, getattr(head, "bias", None)
     if not isinstance(bias, Tensor):
