@@ -185,6 +185,16 @@ def test_heads_compute_one_position_only_and_the_teacher_is_frozen():
     assert student.transformer.wte.weight.grad is not None   # the tied head's gradient
 
 
+def test_a_batch_with_nothing_to_distil_gives_a_zero_with_a_graph():
+    student, teacher = gpt2(), llama()
+    batch = padded_batch(4)
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    loss, parts = causal_lm_kd_loss(student, teacher, batch, alpha=0.5, return_parts=True)
+    loss.backward()
+    assert loss.item() == 0.0 and set(parts) == {"kd", "ce"}
+    assert all(p.grad is not None and not p.grad.any() for p in student.parameters())
+
+
 def test_without_labels_uses_the_attention_mask():
     student, teacher = llama(seed=5, width=16), llama(seed=6)
     batch = padded_batch()
@@ -297,12 +307,15 @@ def test_trainer_option_matches_the_trainer_without_it(tmp_path):
     """Gradient accumulation of two unequal micro-batches, alpha = 0.3: the same losses, parts and
     weights as the Trainer on full logits."""
     teacher = llama(width=48, seed=1)
-    runs = {}
+    runs, shapes = {}, []
+    teacher.get_output_embeddings().register_forward_hook(lambda _m, _i, out: shapes.append(out.shape[1]))
     for fused in (False, True):
+        shapes.clear()
         student, trainer = _train(tmp_path, fused, source=dict(teacher=teacher), temperature=2.0, alpha=0.3,
                                   targs=dict(max_steps=4, per_device_train_batch_size=4,
                                              gradient_accumulation_steps=2),
                                   **({"chunk_size": 11} if fused else {}))
+        assert (set(shapes) == {1}) == fused                 # the teacher's head: one position per sample
         runs[fused] = (student, trainer, trainer.evaluate()["eval_loss"])
     (s0, t0, e0), (s1, t1, e1) = runs[False], runs[True]
     assert t1.fused_linear and t1.seen == t0.seen and len(set(t1.seen)) > 1

@@ -173,8 +173,8 @@ def lm_head_inputs(model: nn.Module, inputs: Mapping[str, Any], *, fn: str = "lm
     finally:
         handle.remove()
     if len(kept) != 1:
-        why = (" (a torch.compile'd model does not run the forward hook that takes the head's input: pass "
-               "the model uncompiled, e.g. model._orig_mod)" if not kept else "")
+        why = (" (the model does not call the module get_output_embeddings() returns, or compiled code "
+               "skipped the forward hook that takes its input)" if not kept else "")
         raise RuntimeError(f"{fn}: {who}'s LM head ran {len(kept)} times in one forward pass{why}; a causal "
                            "LM whose head runs once per forward is needed")
     hidden = kept[0]
@@ -259,16 +259,17 @@ def _shares(n: int, y: Tensor | None, totals: Any, device: torch.device) -> tupl
     return n / rows.clamp_min(1), nl / labelled.clamp_min(1)
 
 
-def _blended(fn_loss, ce_only, hidden: Tensor, y: Tensor | None, alpha: float, totals: Any,
-             return_parts: bool) -> tuple[Tensor, dict[str, Tensor]]:
+def _blended(fn_loss, ce_only, head: LMHeadInputs, hidden: Tensor, y: Tensor | None, alpha: float,
+             totals: Any, return_parts: bool) -> tuple[Tensor, dict[str, Tensor]]:
     """``(1 - a) * kd * share_rows + a * ce * share_labelled`` with one call of
     ``fn_loss(alpha', labels)`` (the fused op's blend ``(1 - a') kd + a' ce`` times
     ``c = (1 - a) s_k + a s_c``, ``a' = a s_c / c``); the parts, when asked, from one more
     forward pass without gradients: ``kd = fn_loss(0, None)``, ``ce`` from the blend (or
     ``ce_only`` when ``a' < 0.1``)."""
     n = hidden.shape[0]
-    if n == 0:                                           # nothing to distil: a zero with a graph
-        zero = hidden.sum() * 0.0
+    if n == 0:                       # nothing to distil: a zero with a graph through every student tensor
+        anchor = hidden.sum() + head.weight.sum() + (0.0 if head.bias is None else head.bias.sum())
+        zero = anchor.float() * 0.0
         parts = {"kd": zero.detach()}
         if alpha > 0 and y is not None:
             parts["ce"] = zero.detach()
@@ -399,7 +400,7 @@ def causal_lm_kd_loss(student: nn.Module, teacher: nn.Module, batch: Mapping[str
                                            temperature=temperature, alpha=a, divergence=divergence, beta=beta,
                                            ignore_index=ignore_index, softcap=softcap, chunk_size=chunk_size)
 
-    loss, parts = _blended(fused, _ce_only(hs, s.weight, s.bias, ignore_index, chunk_size), hs, y, alpha,
+    loss, parts = _blended(fused, _ce_only(hs, s.weight, s.bias, ignore_index, chunk_size), s, hs, y, alpha,
                            totals, return_parts)
     return (loss, parts) if return_parts else loss
 
@@ -477,6 +478,6 @@ def _sparse_loss(fn: str, s: LMHeadInputs, idx: Tensor, val: Tensor, keep: Tenso
                                                   values=values, temperature=temperature, tail=tail, alpha=a,
                                                   ignore_index=ignore_index, chunk_size=chunk_size)
 
-    loss, parts = _blended(fused, _ce_only(hs, s.weight, s.bias, ignore_index, chunk_size), hs, y, alpha,
+    loss, parts = _blended(fused, _ce_only(hs, s.weight, s.bias, ignore_index, chunk_size), s, hs, y, alpha,
                            totals, return_parts)
     return (loss, parts) if return_parts else loss
