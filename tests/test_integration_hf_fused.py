@@ -383,3 +383,33 @@ def test_bf16_autocast_runs_close_to_the_unfused_loss():
     torch.testing.assert_close(loss, ref.float(), rtol=2e-2, atol=2e-2)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def test_trainer_option_under_two_processes(tmp_path):
+    """torchrun, 2 processes (gloo on the CPU), unequal token counts per process: fused_linear=True
+    takes the steps of the Trainer on full logits (losses, parts, final weights)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    root = Path(__file__).resolve().parents[1]
+    worker = Path(__file__).with_name("hf_fused_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    full, fused = result["full"], result["fused"]
+    assert result["world"] == 2 and fused["seen"] == full["seen"]
+    assert any(a != b for a, b in zip(*fused["seen"]))          # the processes had different token counts
+    for key in ("loss", "kd", "ce"):
+        assert len(fused[key]) == 3 and fused[key] == pytest.approx(full[key], rel=1e-4), key
+    w_full, w_fused = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "fused.pt")
+    for k, v in w_full.items():
+        torch.testing.assert_close(w_fused[k], v, rtol=1e-4, atol=1e-5)
