@@ -670,13 +670,19 @@ class DistillationTrainer(transformers.Trainer):
     def _fused_loss(self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor | None, index: Any,
                     totals: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of :meth:`compute_loss` with ``fused_linear=True``: from the LM heads'
-        inputs (:mod:`kdfast.integrations.hf_fused`), never the ``[B, L, V]`` logits."""
+        inputs (:mod:`kdfast.integrations.hf_fused`), never the ``[B, L, V]`` logits. The
+        parts are computed while training only (``totals`` given)."""
         from kdfast.integrations import hf_fused
 
+        out = self._fused_call(hf_fused, model, inputs, labels, index, totals)
+        return out if totals is not None else (out, {})
+
+    def _fused_call(self, hf_fused: Any, model: nn.Module, inputs: dict[str, Any],
+                    labels: torch.Tensor | None, index: Any, totals: Any) -> Any:
         mode, ii = self.distillation, self.distillation.ignore_index
         batch = dict(inputs) if labels is None else {**inputs, "labels": labels}
         common = dict(alpha=mode.alpha, ignore_index=ii, chunk_size=self.chunk_size, totals=totals,
-                      return_parts=True)
+                      return_parts=totals is not None)
         if self.teacher_cache is None:
             device = next((p.device for p in model.parameters()), None)
             p = next(self.teacher.parameters(), None)
