@@ -8,7 +8,10 @@ and causal language modelling. Everything else is the ``Trainer`` as usual:
 clipping, schedules, checkpoints), data collators, callbacks, evaluation.
 
 :func:`distillation_loss` is the same loss as a function, for a ``Trainer`` subclass of
-one's own (or any loop over Hugging Face models).
+one's own (or any loop over Hugging Face models). For causal LMs,
+``DistillationTrainer(..., fused_linear=True)`` and the functions of
+:mod:`kdfast.integrations.hf_fused` compute it from the LM heads' inputs, chunk by chunk,
+without the ``[B, L, V]`` logits.
 
 Rows. A *row* is one prediction: a sample for sequence classification, a position for
 causal LM. For causal LM the logits at position ``i`` predict token ``i + 1``, so the
@@ -399,11 +402,21 @@ class DistillationTrainer(transformers.Trainer):
         tail: option of ``offline`` (:class:`kdfast.train.Offline`).
         backend: ``"kdfast"`` (fused ops) or ``"reference"`` (plain PyTorch).
         index_column: the batch key holding the cache row of each sample.
+        fused_linear: causal LM only (``soft`` / ``offline`` modes, top-k or sampled
+            caches): compute the loss from the LM heads' inputs with
+            :func:`kdfast.fused_linear_kd_loss` / :func:`kdfast.fused_linear_sparse_kd_loss`
+            (:mod:`kdfast.integrations.hf_fused`), so the ``[B, L, V]`` logits of the
+            student and the teacher never exist; the same loss, gradients, row counting
+            and logs. Evaluation then returns the loss only (no logits for metrics).
+        chunk_size: rows per chunk with ``fused_linear`` (``None``: from ``V`` and the
+            free memory).
 
     Logged: ``loss`` as usual and, next to it, ``kd_loss`` and ``ce_loss`` (the
     distillation and hard-label parts, weighted so that ``loss = (1 - alpha) * kd_loss
     + alpha * ce_loss``), averaged over each logging interval; with several processes,
-    those of the global batch.
+    those of the global batch. With ``fused_linear`` and ``alpha > 0`` the two parts
+    cost one more pass over the heads without gradients per step (the loss itself is
+    one fused call).
 
     Several processes: each term is normalised by its rows in the global accumulated
     batch (all processes, all micro-batches) when ``average_tokens_across_devices`` is
@@ -428,7 +441,7 @@ class DistillationTrainer(transformers.Trainer):
                  alpha: float | None = None, divergence: str | None = None, beta: float | None = None,
                  softcap: float | None = None, threshold: float | None = None, use_labels: bool | None = None,
                  tail: str | None = None, backend: str | None = None, index_column: str = "cache_index",
-                 **trainer_kwargs: Any) -> None:
+                 fused_linear: bool = False, chunk_size: int | None = None, **trainer_kwargs: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"DistillationTrainer: model must be the student nn.Module (model_init is not "
                             f"supported), got {type(model).__name__}")
@@ -459,6 +472,7 @@ class DistillationTrainer(transformers.Trainer):
             raise ValueError("DistillationTrainer: the teacher is the student model itself; pass a separate "
                              "(frozen) teacher")
         self._check_sizes(model)
+        self.fused_linear, self.chunk_size = self._check_fused(fused_linear, chunk_size, teacher_cache)
         if teacher_cache is not None:
             trainer_kwargs["train_dataset"] = self._index_dataset(trainer_kwargs.get("train_dataset"),
                                                                   teacher_cache)
@@ -467,6 +481,10 @@ class DistillationTrainer(transformers.Trainer):
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_steps = 0
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if self.fused_linear and self.args.torch_compile:
+            raise ValueError("DistillationTrainer: fused_linear=True does not work with torch_compile=True "
+                             "(the LM head's input is taken by a forward hook, which compiled code does not "
+                             "run)")
         if "loss_is_scaled_for_ga" not in vars(transformers.Trainer) and \
                 self.args.gradient_accumulation_steps > 1:
             raise RuntimeError(f"DistillationTrainer: this transformers ({transformers.__version__}) "
@@ -528,6 +546,35 @@ class DistillationTrainer(transformers.Trainer):
         if mine is not None and theirs is not None and mine != theirs:
             raise ValueError(f"DistillationTrainer: {who} has {theirs} {what} but the student {mine}; "
                              "distillation needs the same vocabulary / classes in the same order")
+
+    def _check_fused(self, fused_linear: Any, chunk_size: Any, cache: TeacherCache | None
+                     ) -> tuple[bool, int | None]:
+        fn = "DistillationTrainer"
+        if not isinstance(fused_linear, bool):
+            raise TypeError(f"{fn}: fused_linear must be a bool, got {type(fused_linear).__name__}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"{fn}: chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+        if not fused_linear:
+            if chunk_size is not None:
+                raise ValueError(f"{fn}: chunk_size= is an option of fused_linear=True")
+            return False, None
+        mode = self.distillation
+        if self.task != "causal_lm":
+            raise ValueError(f"{fn}: fused_linear=True is for causal LM (the LM head's logits), not "
+                             f"{self.task!r}")
+        if not isinstance(mode, (Soft, Offline)):
+            raise ValueError(f"{fn}: fused_linear=True supports the soft and offline modes, not "
+                             f"{mode.name!r}")
+        if isinstance(mode, Offline) and mode.pairs:
+            raise ValueError(f"{fn}: fused_linear=True does not support the offline mode's feature_pairs")
+        if mode.backend != "kdfast":
+            raise ValueError(f"{fn}: fused_linear=True computes with kdfast's fused ops; backend="
+                             f"{mode.backend!r} is for the loss on full logits")
+        if cache is not None and cache.kind == "dense":
+            raise ValueError(f"{fn}: fused_linear=True needs a top-k or sampled teacher cache; a dense cache "
+                             "stores the teacher's [N, V] logits (use fused_linear=False with it)")
+        return True, chunk_size
 
     def _index_dataset(self, dataset: Any, cache: TeacherCache) -> Any:
         if dataset is None:
@@ -601,13 +648,17 @@ class DistillationTrainer(transformers.Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         index = inputs.pop(self.index_column, None)
-        outputs = model(**inputs)
-        logits = logits_of(outputs, "DistillationTrainer: the student")
-        teacher = self._teacher_side(inputs, index, logits.device)
         training = model.training and self._window is not None
-        loss, parts = distillation_loss(self.distillation, logits, teacher, labels, task=self.task,
-                                        attention_mask=inputs.get("attention_mask"),
-                                        totals=self._window if training else None)
+        if self.fused_linear:
+            loss, parts = self._fused_loss(model, inputs, labels, index, self._window if training else None)
+            outputs = transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss.detach())
+        else:
+            outputs = model(**inputs)
+            logits = logits_of(outputs, "DistillationTrainer: the student")
+            teacher = self._teacher_side(inputs, index, logits.device)
+            loss, parts = distillation_loss(self.distillation, logits, teacher, labels, task=self.task,
+                                            attention_mask=inputs.get("attention_mask"),
+                                            totals=self._window if training else None)
         if training:
             if self._scale != 1:
                 loss = loss * self._scale
@@ -615,6 +666,48 @@ class DistillationTrainer(transformers.Trainer):
             for k, v in parts.items():
                 self._part_sums[k] = self._part_sums[k] + v if k in self._part_sums else v.clone()
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_loss(self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor | None, index: Any,
+                    totals: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of :meth:`compute_loss` with ``fused_linear=True``: from the LM heads'
+        inputs (:mod:`kdfast.integrations.hf_fused`), never the ``[B, L, V]`` logits. The
+        parts are computed while training only (``totals`` given)."""
+        from kdfast.integrations import hf_fused
+
+        out = self._fused_call(hf_fused, model, inputs, labels, index, totals)
+        return out if totals is not None else (out, {})
+
+    def _fused_call(self, hf_fused: Any, model: nn.Module, inputs: dict[str, Any],
+                    labels: torch.Tensor | None, index: Any, totals: Any) -> Any:
+        mode, ii = self.distillation, self.distillation.ignore_index
+        batch = dict(inputs) if labels is None else {**inputs, "labels": labels}
+        common = dict(alpha=mode.alpha, ignore_index=ii, chunk_size=self.chunk_size, totals=totals,
+                      return_parts=totals is not None)
+        if self.teacher_cache is None:
+            device = next((p.device for p in model.parameters()), None)
+            p = next(self.teacher.parameters(), None)
+            if (device is not None and p is not None and p.device != device
+                    and not getattr(self.teacher, "hf_device_map", None)):
+                mode.to(device)                    # moves the teacher, keeps its dtype
+            return hf_fused.causal_lm_kd_loss(model, self.teacher, batch, temperature=mode.temperature,
+                                              divergence=mode.divergence, beta=mode.beta,
+                                              softcap=mode.softcap, **common)
+        fn = "DistillationTrainer"
+        inputs_, _, keep, shifted = hf_fused._batch_inputs(fn, batch, ii)
+        teacher = self._teacher_side(inputs_, index, keep.device)
+        temperature = teacher.temperature if mode.temperature is None else mode.temperature
+        if temperature != teacher.temperature:
+            raise ValueError(f"{fn}: temperature={temperature} but the cache stores the teacher's "
+                             f"{teacher.values_kind} at T = {teacher.temperature}; use temperature=None or "
+                             "build the cache at the temperature wanted")
+        if teacher.indices is None:
+            raise ValueError(f"{fn}: fused_linear=True needs a top-k or sampled teacher cache, not a "
+                             "dense one")
+        rows = _teacher_rows(teacher, keep, None)
+        s = hf_fused.lm_head_inputs(model, inputs_, fn=fn, who="the student")
+        return hf_fused._sparse_loss(fn, s, rows.indices, rows.values.float(), keep, shifted,
+                                     values=teacher.values_kind, temperature=temperature, tail=mode.tail,
+                                     **common)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The ``Trainer``'s log, with ``kd_loss`` / ``ce_loss`` next to a training ``loss``."""
