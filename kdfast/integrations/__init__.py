@@ -6,6 +6,9 @@ trainer is an optional dependency, imported only when the adapter is:
 - :mod:`kdfast.integrations.hf`: a ``transformers.Trainer`` that distils (sequence
   classification, causal LM), from a teacher model or a teacher cache
   (``pip install 'kdfast[hf]'``);
+- :mod:`kdfast.integrations.hf_fused`: causal-LM distillation of Hugging Face models from
+  the LM heads' inputs (fused linear losses, no ``[B, L, V]`` logits), also as
+  ``DistillationTrainer(fused_linear=True)``;
 - :mod:`kdfast.integrations.lightning`: a ``LightningModule`` wrapper for any mode and a
   callback that adds distillation to an existing module (``pip install 'kdfast[lightning]'``).
 
