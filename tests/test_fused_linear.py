@@ -430,7 +430,8 @@ def test_products_per_chunk():
 
 
 @pytest.mark.xfail(strict=True, reason="the student's gradients are all computed when any one is needed: a "
-                                       "frozen LM head still costs a [V, H] float32 buffer and G.T @ h per chunk")
+                                       "frozen LM head still costs a [V, H] float32 buffer and G.T @ h per "
+                                       "chunk")
 def test_frozen_weight_costs_no_weight_gradient():
     """A frozen LM head (LoRA, a frozen tied embedding) or frozen hidden states: only the
     wanted gradient's products run."""
@@ -605,7 +606,8 @@ def test_opcheck_transposed_weight():
         torch.library.opcheck(torch.ops.kdfast.fused_linear_sparse_kd.default,
                               (hs, ws, sb, idx, val, None, 1.0, 0.0, True, 0, -100, reduction, 3, True))
         torch.library.opcheck(torch.ops.kdfast.fused_linear_kd.default,
-                              (hs, ws, sb, ht, wt, None, None, 1.0, 0.0, 0, 0.5, -100, 0.0, reduction, 3, True))
+                              (hs, ws, sb, ht, wt, None, None, 1.0, 0.0, 0, 0.5, -100, 0.0, reduction, 3,
+                               True))
 
 
 @pytest.mark.xfail(strict=True, reason="the fake kernels give the weight gradient student_weight's strides, "
