@@ -67,18 +67,18 @@ def ref_loss(hs, ws, sb, ht, wt, tb, labels=None, *, reduction="batchmean", **op
     """float64 loss of the two linear heads; ``hs``, ``ws``, ``sb`` may require grad."""
     hdim = hs.shape[-1]
     s = hs.reshape(-1, hdim) @ ws.t()
-    t = ht.reshape(-1, ht.shape[-1]).to(F64) @ wt.to(F64).t()
+    t = ht.reshape(-1, ht.shape[-1]).cpu().to(F64) @ wt.cpu().to(F64).t()
     if sb is not None:
         s = s + sb
     if tb is not None:
-        t = t + tb.to(F64)
-    lab = None if labels is None else labels.reshape(-1).long()
+        t = t + tb.cpu().to(F64)
+    lab = None if labels is None else labels.reshape(-1).long().cpu()
     loss = reduce(ref_rows(s, t, lab, **opts), lab, reduction, opts.get("ignore_index", -100))
     return loss.reshape(hs.shape[:-1]) if reduction == "none" else loss
 
 
 def leaf64(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.detach().to(F64).requires_grad_(True)
+    return None if x is None else x.detach().cpu().to(F64).requires_grad_(True)
 
 
 def run_fused(hs, ws, sb, ht, wt, tb, labels=None, *, grad_seed=1, fn=None, **opts):
@@ -89,7 +89,7 @@ def run_fused(hs, ws, sb, ht, wt, tb, labels=None, *, grad_seed=1, fn=None, **op
     fn = fn or kdfast.fused_linear_kd_loss
     loss = fn(hs, ws, ht, wt, labels, student_bias=sb, teacher_bias=tb, **opts)
     go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=F64)
-    loss.backward(go.to(loss.dtype))
+    loss.backward(go.to(loss.device, loss.dtype))
     return loss.detach(), go, hs.grad, ws.grad, None if sb is None else sb.grad
 
 
@@ -105,7 +105,7 @@ def close(actual, expected, what, rtol=1e-5, atol_scale=1e-6):
     """``actual`` (any dtype) against a float64 ``expected``, atol relative to its largest entry."""
     expected = expected.detach()
     scale = float(expected.abs().max()) if expected.numel() else 0.0
-    torch.testing.assert_close(actual.detach().to(F64), expected, rtol=rtol,
+    torch.testing.assert_close(actual.detach().cpu().to(F64), expected.cpu(), rtol=rtol,
                                atol=atol_scale * max(scale, 1.0), msg=lambda m: f"{what}: {m}")
 
 
@@ -126,7 +126,7 @@ def check(hs, ws, sb, ht, wt, tb, labels=None, *, rtol=1e-5, atol_scale=1e-6, **
 
 
 def heads(n, v, hs_dim, ht_dim, *, lead=None, dtype=torch.float32, tdtype=None, sbias=True, tbias=True,
-          ignore_every=3, scale=1.0):
+          ignore_every=3, scale=1.0, device="cpu"):
     """Random hidden states / weights / biases (logits of a few units) and labels with
     every ``ignore_every``-th row ignored (0: none)."""
     lead = (n,) if lead is None else lead
@@ -140,7 +140,7 @@ def heads(n, v, hs_dim, ht_dim, *, lead=None, dtype=torch.float32, tdtype=None, 
     labels = torch.randint(0, v, lead)
     if ignore_every:
         labels.view(-1)[1::ignore_every] = -100
-    return hs, ws, sb, ht, wt, tb, labels
+    return tuple(None if x is None else x.to(device) for x in (hs, ws, sb, ht, wt, tb, labels))
 
 
 # ----------------------------------------------------------------------------- values and gradients
@@ -150,10 +150,11 @@ SHAPES = [(1, 3, 4, 6), (7, 101, 8, 5), (37, 1000, 6, 9), (130, 101, 5, 7)]
 
 @pytest.mark.parametrize("n, v, hs_dim, ht_dim", SHAPES, ids=lambda x: str(x))
 @pytest.mark.parametrize("chunk", ["1", "7", "N", "N+5", "None"])
-def test_against_reference_shapes_and_chunks(n, v, hs_dim, ht_dim, chunk):
+def test_against_reference_shapes_and_chunks(device, n, v, hs_dim, ht_dim, chunk):
     i = SHAPES.index((n, v, hs_dim, ht_dim))
     chunk_size = {"1": 1, "7": 7, "N": n, "N+5": n + 5, "None": None}[chunk]
-    hs, ws, sb, ht, wt, tb, labels = heads(n, v, hs_dim, ht_dim, sbias=i % 2 == 0, tbias=i != 1)
+    hs, ws, sb, ht, wt, tb, labels = heads(n, v, hs_dim, ht_dim, sbias=i % 2 == 0, tbias=i != 1,
+                                           device=device)
     check(hs, ws, sb, ht, wt, tb, labels, chunk_size=chunk_size, temperature=(1.0, 2.0, 0.7, 3.0)[i],
           alpha=0.3, divergence=DIVERGENCES[i % 3], reduction=REDUCTIONS[i % 3])
 
@@ -161,8 +162,8 @@ def test_against_reference_shapes_and_chunks(n, v, hs_dim, ht_dim, chunk):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("softcap", [None, 2.5])
-def test_options(divergence, reduction, softcap):
-    hs, ws, sb, ht, wt, tb, labels = heads(13, 101, 8, 12, scale=3.0)
+def test_options(device, divergence, reduction, softcap):
+    hs, ws, sb, ht, wt, tb, labels = heads(13, 101, 8, 12, scale=3.0, device=device)
     for alpha, temperature, beta in ((0.0, 1.0, 0.5), (0.4, 2.0, 0.2), (1.0, 0.5, 0.9)):
         check(hs, ws, sb, ht, wt, tb, labels, chunk_size=4, divergence=divergence, reduction=reduction,
               softcap=softcap, alpha=alpha, temperature=temperature, beta=beta)
@@ -182,9 +183,9 @@ def test_the_reference_is_the_formula():
 
 
 @pytest.mark.parametrize("bias", ["none", "student", "teacher", "both"])
-def test_bias_layouts(bias):
+def test_bias_layouts(device, bias):
     hs, ws, sb, ht, wt, tb, labels = heads(19, 53, 7, 4, sbias=bias in ("student", "both"),
-                                           tbias=bias in ("teacher", "both"))
+                                           tbias=bias in ("teacher", "both"), device=device)
     loss, _, _, gb = check(hs, ws, sb, ht, wt, tb, labels, chunk_size=5, alpha=0.2, temperature=2.0)
     assert (gb is None) == (sb is None)
     if tb is not None:  # the teacher's bias really enters the loss
@@ -194,8 +195,8 @@ def test_bias_layouts(bias):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_leading_dims(reduction):
-    hs, ws, sb, ht, wt, tb, labels = heads(0, 67, 6, 10, lead=(3, 5))
+def test_leading_dims(device, reduction):
+    hs, ws, sb, ht, wt, tb, labels = heads(0, 67, 6, 10, lead=(3, 5), device=device)
     loss = check(hs, ws, sb, ht, wt, tb, labels, chunk_size=4, reduction=reduction, alpha=0.5,
                  divergence="jsd", beta=0.3)[0]
     assert loss.shape == ((3, 5) if reduction == "none" else ())
@@ -226,15 +227,15 @@ def test_views():
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_all_rows_ignored(reduction):
-    hs, ws, sb, ht, wt, tb, _ = heads(6, 17, 5, 4)
-    labels = torch.full((6,), -100)
+def test_all_rows_ignored(device, reduction):
+    hs, ws, sb, ht, wt, tb, _ = heads(6, 17, 5, 4, device=device)
+    labels = torch.full((6,), -100, device=device)
     loss, _, gh, gw, gb = run_fused(hs, ws, sb, ht, wt, tb, labels, reduction=reduction, alpha=0.5,
                                     chunk_size=4)
     assert bool((loss == 0).all()) and loss.shape == ((6,) if reduction == "none" else ())
     assert not gh.any() and not gw.any() and not gb.any()
     # a custom ignore_index, some rows ignored
-    labels = torch.tensor([3, 7, 7, 0, 7, 16])
+    labels = torch.tensor([3, 7, 7, 0, 7, 16], device=device)
     check(hs, ws, sb, ht, wt, tb, labels, ignore_index=7, reduction=reduction, alpha=0.5, chunk_size=2)
 
 
@@ -305,8 +306,8 @@ def ref_rows_masked(s, t, labels, *, divergence):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_no_labels(reduction):
-    hs, ws, sb, ht, wt, tb, _ = heads(10, 31, 6, 6)
+def test_no_labels(device, reduction):
+    hs, ws, sb, ht, wt, tb, _ = heads(10, 31, 6, 6, device=device)
     for divergence in DIVERGENCES:
         check(hs, ws, sb, ht, wt, tb, None, chunk_size=3, reduction=reduction, divergence=divergence,
               temperature=2.0)
@@ -340,19 +341,19 @@ def test_equals_kd_loss_on_materialised_logits(divergence, reduction):
 # ----------------------------------------------------------------------------- dtypes
 
 
-def test_float64_tight():
-    hs, ws, sb, ht, wt, tb, labels = heads(17, 97, 6, 8, dtype=F64, scale=3.0)
+def test_float64_tight(device):
+    hs, ws, sb, ht, wt, tb, labels = heads(17, 97, 6, 8, dtype=F64, scale=3.0, device=device)
     for reduction in REDUCTIONS:
         check(hs, ws, sb, ht, wt, tb, labels, chunk_size=5, reduction=reduction, alpha=0.3, temperature=2.0,
               divergence="jsd", rtol=1e-10, atol_scale=1e-12)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_bfloat16(reduction):
+def test_bfloat16(device, reduction):
     """bfloat16 heads against the float32-exact reference of the same bfloat16 values:
     the products and the logits are rounded to bfloat16, so a loose tolerance, but far
     tighter than the loss's size."""
-    hs, ws, sb, ht, wt, tb, labels = heads(24, 151, 16, 12, dtype=torch.bfloat16, scale=2.0)
+    hs, ws, sb, ht, wt, tb, labels = heads(24, 151, 16, 12, dtype=torch.bfloat16, scale=2.0, device=device)
     loss = check(hs, ws, sb, ht, wt, tb, labels, chunk_size=5, reduction=reduction, alpha=0.2,
                  temperature=2.0, rtol=3e-2, atol_scale=3e-2)[0]
     assert loss.dtype == torch.float32
@@ -360,8 +361,8 @@ def test_bfloat16(reduction):
 
 
 @pytest.mark.parametrize("sdtype, tdtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
-def test_student_and_teacher_dtypes_differ(sdtype, tdtype):
-    hs, ws, sb, ht, wt, tb, labels = heads(10, 57, 8, 6, dtype=sdtype, tdtype=tdtype)
+def test_student_and_teacher_dtypes_differ(device, sdtype, tdtype):
+    hs, ws, sb, ht, wt, tb, labels = heads(10, 57, 8, 6, dtype=sdtype, tdtype=tdtype, device=device)
     tol = 3e-2 if torch.bfloat16 in (sdtype, tdtype) else 1e-5
     check(hs, ws, sb, ht, wt, tb, labels, chunk_size=3, alpha=0.3, temperature=2.0, rtol=tol, atol_scale=tol)
 
@@ -382,8 +383,8 @@ def test_bfloat16_gradients_accumulate_in_float32():
 # ----------------------------------------------------------------------------- autograd contract
 
 
-def test_teacher_gets_no_gradient():
-    hs, ws, sb, ht, wt, tb, labels = heads(8, 19, 5, 4)
+def test_teacher_gets_no_gradient(device):
+    hs, ws, sb, ht, wt, tb, labels = heads(8, 19, 5, 4, device=device)
     ht, wt, tb = (x.clone().requires_grad_(True) for x in (ht, wt, tb))
     h = hs.clone().requires_grad_(True)
     loss = kdfast.fused_linear_kd_loss(h, ws, ht, wt, labels, student_bias=sb, teacher_bias=tb)
@@ -488,8 +489,8 @@ def test_backward_twice_with_retain_graph():
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_gradcheck_dense(reduction):
-    hs, ws, sb, ht, wt, tb, labels = heads(5, 7, 3, 4, dtype=F64, scale=2.0)
+def test_gradcheck_dense(device, reduction):
+    hs, ws, sb, ht, wt, tb, labels = heads(5, 7, 3, 4, dtype=F64, scale=2.0, device=device)
     labels[1] = -100
 
     def fn(h, w, b):
@@ -502,9 +503,9 @@ def test_gradcheck_dense(reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("tail", ["renormalize", "residual"])
-def test_gradcheck_sparse(reduction, tail):
-    hs, ws, sb, _, _, _, labels = heads(5, 9, 3, 3, dtype=F64, scale=2.0)
-    idx, val = kdfast.topk_logits(torch.randn(5, 9, dtype=F64) * 2, 4, temperature=1.5)
+def test_gradcheck_sparse(device, reduction, tail):
+    hs, ws, sb, _, _, _, labels = heads(5, 9, 3, 3, dtype=F64, scale=2.0, device=device)
+    idx, val = kdfast.topk_logits(torch.randn(5, 9, dtype=F64, device=device) * 2, 4, temperature=1.5)
     idx[2, 1] = -1
     labels[1] = -100
 
@@ -709,7 +710,7 @@ def run_sparse(hs, ws, sb, idx, val, labels, *, grad_seed=2, **opts):
     h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
     b = None if sb is None else sb.clone().requires_grad_(True)
     loss = kdfast.fused_linear_sparse_kd_loss(h, w, idx, val, labels, student_bias=b, **opts)
-    go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed))
+    go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed)).to(loss.device)
     loss.backward(go)
     return loss.detach(), go, h.grad, w.grad, None if b is None else b.grad
 
@@ -727,9 +728,9 @@ def materialised_sparse(hs, ws, sb, idx, val, labels, go, **opts):
 @pytest.mark.parametrize("source", ["topk", "sample"])
 @pytest.mark.parametrize("tail", ["renormalize", "residual"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_sparse_against_sparse_kd_loss(source, tail, reduction):
-    hs, ws, sb, _, _, _, labels = heads(0, 83, 7, 7, lead=(3, 9), scale=2.0)
-    teacher = torch.randn(3, 9, 83) * 2
+def test_sparse_against_sparse_kd_loss(device, source, tail, reduction):
+    hs, ws, sb, _, _, _, labels = heads(0, 83, 7, 7, lead=(3, 9), scale=2.0, device=device)
+    teacher = torch.randn(3, 9, 83).to(device) * 2
     if source == "topk":
         idx, val = kdfast.topk_logits(teacher, 6, temperature=2.0)
         idx[:, ::4, -1] = -1                            # padding in some rows
@@ -748,9 +749,9 @@ def test_sparse_against_sparse_kd_loss(source, tail, reduction):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6 * max(float(r.abs().max()), 1.0),
                                        msg=lambda m, name=name, c=chunk: f"{c} grad {name}: {m}")
     # and against the independent float64 sparse reference of the tests
-    s64 = (hs.double().reshape(27, 7) @ ws.double().t() + sb.double()).reshape(3, 9, 83)
-    expected = ref_sparse(s64, idx, val.double(), labels, values_kind=kind, temperature=2.0, tail=tail,
-                          alpha=0.3, reduction=reduction)
+    s64 = (hs.cpu().double().reshape(27, 7) @ ws.cpu().double().t() + sb.cpu().double()).reshape(3, 9, 83)
+    expected = ref_sparse(s64, idx.cpu(), val.cpu().double(), labels.cpu(), values_kind=kind, temperature=2.0,
+                          tail=tail, alpha=0.3, reduction=reduction)
     close(loss, expected, "sparse vs float64 reference", rtol=1e-5)
 
 
