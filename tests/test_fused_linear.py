@@ -235,7 +235,7 @@ def test_all_rows_ignored(device, reduction):
     assert bool((loss == 0).all()) and loss.shape == ((6,) if reduction == "none" else ())
     assert not gh.any() and not gw.any() and not gb.any()
     # a custom ignore_index, some rows ignored
-    labels = torch.tensor([3, 7, 7, 0, 7, 16], device=device)
+    labels = torch.tensor([3, 7, 7, 0, 7, 16], dtype=torch.int32, device=device)  # int32 labels too
     check(hs, ws, sb, ht, wt, tb, labels, ignore_index=7, reduction=reduction, alpha=0.5, chunk_size=2)
 
 
@@ -396,15 +396,22 @@ def test_teacher_gets_no_gradient(device):
     assert not kdfast.fused_linear_kd_loss(hs, ws, ht, wt, labels, teacher_bias=tb).requires_grad
 
 
-def test_only_weight_or_bias_requires_grad():
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_only_some_student_tensors_require_grad(reduction):
+    """A frozen head (only the hidden states train), a frozen backbone (only the head), only
+    the bias: each gets the reference gradient, the others none."""
     hs, ws, sb, ht, wt, tb, labels = heads(9, 21, 5, 4)
-    _, _, rgw, rgb = ref_grads(hs, ws, sb, ht, wt, tb, labels, torch.tensor(1.0, dtype=F64))
-    w = ws.clone().requires_grad_(True)
-    kdfast.fused_linear_kd_loss(hs, w, ht, wt, labels, student_bias=sb, teacher_bias=tb).backward()
-    close(w.grad, rgw, "weight only")
-    b = sb.clone().requires_grad_(True)
-    kdfast.fused_linear_kd_loss(hs, ws, ht, wt, labels, student_bias=b, teacher_bias=tb).backward()
-    close(b.grad, rgb, "bias only")
+    go = torch.rand(9 if reduction == "none" else (), dtype=F64) + 0.5
+    _, rgh, rgw, rgb = ref_grads(hs, ws, sb, ht, wt, tb, labels, go, reduction=reduction, alpha=0.2)
+    for which in ("hidden", "weight", "bias"):
+        names = ("hidden", "weight", "bias")
+        h, w, b = (x.clone().requires_grad_(name == which) for x, name in zip((hs, ws, sb), names))
+        loss = kdfast.fused_linear_kd_loss(h, w, ht, wt, labels, student_bias=b, teacher_bias=tb,
+                                           chunk_size=4, reduction=reduction, alpha=0.2)
+        loss.backward(go.float())
+        got = {"hidden": h.grad, "weight": w.grad, "bias": b.grad}
+        close(got.pop(which), {"hidden": rgh, "weight": rgw, "bias": rgb}[which], f"{which} only")
+        assert all(g is None for g in got.values())
 
 
 def _mm_counts(fn) -> dict[str, int]:
