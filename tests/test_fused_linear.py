@@ -10,6 +10,7 @@ materialised logits; bad arguments."""
 
 from __future__ import annotations
 
+import doctest
 import math
 import time
 
@@ -237,6 +238,16 @@ def test_all_rows_ignored(device, reduction):
     # a custom ignore_index, some rows ignored
     labels = torch.tensor([3, 7, 7, 0, 7, 16], dtype=torch.int32, device=device)  # int32 labels too
     check(hs, ws, sb, ht, wt, tb, labels, ignore_index=7, reduction=reduction, alpha=0.5, chunk_size=2)
+
+
+def test_shifted_causal_lm_views():
+    """A causal LM's shift: hidden states [:, :-1] (a non-contiguous view) against labels
+    [:, 1:]; vocabularies of 1 and hidden sizes of 1."""
+    hs, ws, sb, ht, wt, tb, labels = heads(0, 31, 6, 5, lead=(3, 8))
+    check(hs[:, :-1], ws, sb, ht[:, :-1], wt, tb, labels[:, 1:], chunk_size=4, alpha=0.4, temperature=2.0)
+    for v, h in ((1, 3), (5, 1)):
+        hs, ws, sb, ht, wt, tb, labels = heads(7, v, h, 2)
+        check(hs, ws, sb, ht, wt, tb, labels, chunk_size=3, alpha=0.5, reduction="none")
 
 
 def test_ignored_rows_may_hold_anything():
@@ -960,3 +971,15 @@ def test_auto_chunk_matches_explicit_chunks():
     whole = kdfast.fused_linear_kd_loss(hs, ws, ht, wt, labels, student_bias=sb, teacher_bias=tb,
                                         chunk_size=40)
     assert torch.equal(auto, whole)
+
+
+def test_docstring_examples():
+    finder = doctest.DocTestFinder()
+    found = finder.find(fused_linear, "kdfast.fused_linear", extraglobs={"torch": torch, "kdfast": kdfast})
+    tests = [t for t in found if t.examples]
+    assert len(tests) >= 5
+    for test in tests:
+        runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        runner.run(test)
+        result = runner.summarize(verbose=False)
+        assert result.failed == 0, f"{test.name}: {result.failed} of {result.attempted} examples failed"
