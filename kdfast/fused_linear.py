@@ -91,28 +91,29 @@ def _kept_rows(labels: Optional[Tensor], ignore_index: int, rows: int, device: t
 class _Grads:
     """Accumulators of the student-side gradients (float32, float64 for float64 inputs)."""
 
-    def __init__(self, h: Tensor, w: Tensor, b: Optional[Tensor], want: bool) -> None:
-        self.want, self.acc = want, _acc(w)
-        self.h = torch.empty_like(h) if want else h.new_empty(0)
-        self.w = torch.zeros(w.shape, dtype=self.acc, device=w.device) if want else w.new_empty(0)
-        self.b = (torch.zeros(b.shape, dtype=self.acc, device=b.device) if want and b is not None
-                  else w.new_empty(0))
+    def __init__(self, h: Tensor, w: Tensor, b: Optional[Tensor], need: int) -> None:
+        """``need``: a mask of the wanted gradients, 1 hidden states, 2 weight, 4 bias."""
+        self.want_h, self.want_w = bool(need & 1), bool(need & 2)
+        self.want_b = bool(need & 4) and b is not None
+        self.want, self.acc = self.want_h or self.want_w or self.want_b, _acc(w)
+        self.h = torch.empty_like(h) if self.want_h else h.new_empty(0)
+        self.w = torch.zeros_like(w, dtype=self.acc) if self.want_w else w.new_empty(0)
+        self.b = torch.zeros_like(b, dtype=self.acc) if self.want_b else w.new_empty(0)
 
     def add(self, g: Tensor, h: Tensor, w: Tensor, has_bias: bool, out_h: Tensor) -> None:
         """Adds one chunk's logit gradient ``g`` ``[c, V]`` (hidden states ``h`` ``[c, H]``);
         its hidden-state gradient goes to ``out_h``."""
-        torch.mm(g, w, out=out_h)
-        if g.dtype == self.acc:
+        if self.want_h:
+            torch.mm(g, w, out=out_h)
+        if self.want_w and g.dtype == self.acc:
             self.w.addmm_(g.t(), h)
-        else:                               # bfloat16: the chunk's product, summed in float32
+        elif self.want_w:                   # bfloat16: the chunk's product, summed in float32
             self.w.add_(_mm_acc(g.t(), h, self.acc))
-        if has_bias:
+        if has_bias and self.want_b:
             self.b.add_(g.sum(0, dtype=self.acc))
 
     def result(self, w: Tensor, b: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        if not self.want:
-            return self.h, self.w, self.b
-        return self.h, self.w.to(w.dtype), (self.b.to(b.dtype) if b is not None else self.b)
+        return self.h, self.w.to(w.dtype), (self.b.to(b.dtype) if self.want_b else self.b)
 
 
 def _mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
@@ -137,7 +138,7 @@ def _run_chunks(h: Tensor, w: Tensor, b: Optional[Tensor], rows: int, chunk: int
     total = torch.zeros((), dtype=acc, device=h.device)
     per_row = torch.zeros(rows, dtype=acc, device=h.device) if reduction == _NONE else None
     hk = h if kept is None else h.index_select(0, kept)
-    gh = grads.h if kept is None or not grads.want else torch.empty_like(hk)
+    gh = grads.h if kept is None or not grads.want_h else torch.empty_like(hk)
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         where = slice(lo, hi) if kept is None else kept[lo:hi]
@@ -157,7 +158,7 @@ def _run_chunks(h: Tensor, w: Tensor, b: Optional[Tensor], rows: int, chunk: int
                 g.mul_(weights[where].to(g.dtype).unsqueeze(1))
             grads.add(g, hc, w, b is not None, gh[lo:hi])
         del g
-    if grads.want and kept is not None:
+    if grads.want_h and kept is not None:
         grads.h = torch.zeros_like(h).index_copy_(0, kept, gh)
     return per_row if per_row is not None else total
 
@@ -192,12 +193,12 @@ def _dense_chunk_loss(th: Tensor, tw: Tensor, tb: Optional[Tensor], labels: Opti
 def _fused_linear_kd(sh: Tensor, sw: Tensor, sb: Optional[Tensor], th: Tensor, tw: Tensor,
                      tb: Optional[Tensor], labels: Optional[Tensor], temperature: float, alpha: float,
                      divergence: int, beta: float, ignore_index: int, softcap: float, reduction: int,
-                     chunk_size: int, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     chunk_size: int, need_grad: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     rows, vocab = sh.shape[0], sw.shape[0]
     with torch.no_grad():
         kept = _kept_rows(labels, ignore_index, rows, sh.device)
         chunk = _chunk_for(chunk_size, rows, vocab, sh, tw.element_size())
-        grads = _Grads(sh, sw, sb, need_grad and reduction != _NONE)
+        grads = _Grads(sh, sw, sb, need_grad if reduction != _NONE else 0)
         loss = _run_chunks(sh, sw, sb, rows, chunk,
                            _dense_chunk_loss(th, tw, tb, labels, (temperature, alpha, divergence, beta,
                                                                    ignore_index, softcap)),
@@ -213,7 +214,7 @@ def _fused_linear_kd(sh: Tensor, sw: Tensor, sb: Optional[Tensor], th: Tensor, t
 def _fused_linear_kd_backward(grad_loss: Tensor, sh: Tensor, sw: Tensor, sb: Optional[Tensor], th: Tensor,
                               tw: Tensor, tb: Optional[Tensor], labels: Optional[Tensor],
                               temperature: float, alpha: float, divergence: int, beta: float,
-                              ignore_index: int, softcap: float, chunk_size: int
+                              ignore_index: int, softcap: float, chunk_size: int, need_grad: int
                               ) -> tuple[Tensor, Tensor, Tensor]:
     """The per-row (``reduction="none"``) backward: the products again, each row's logit
     gradient weighted by its incoming gradient."""
@@ -221,7 +222,7 @@ def _fused_linear_kd_backward(grad_loss: Tensor, sh: Tensor, sw: Tensor, sb: Opt
     with torch.no_grad():
         kept = _kept_rows(labels, ignore_index, rows, sh.device)
         chunk = _chunk_for(chunk_size, rows, vocab, sh, tw.element_size())
-        grads = _Grads(sh, sw, sb, True)
+        grads = _Grads(sh, sw, sb, need_grad)
         _run_chunks(sh, sw, sb, rows, chunk,
                     _dense_chunk_loss(th, tw, tb, labels, (temperature, alpha, divergence, beta,
                                                            ignore_index, softcap)),
@@ -244,38 +245,47 @@ def _reduce(loss: Tensor, labels: Optional[Tensor], ignore_index: int, rows: int
     return loss * scale, scale
 
 
-def _empty_or_like(x: Tensor, want: bool) -> Tensor:
-    return torch.empty_like(x) if want else x.new_empty(0)
+def _empty_or_like(x: Optional[Tensor], want: int, other: Tensor) -> Tensor:
+    return torch.empty_like(x) if want and x is not None else other.new_empty(0)
+
+
+def _fake_grads(sh: Tensor, sw: Tensor, sb: Optional[Tensor], need: int) -> tuple[Tensor, Tensor, Tensor]:
+    return (_empty_or_like(sh, need & 1, sh), _empty_or_like(sw, need & 2, sw),
+            _empty_or_like(sb, need & 4, sw))
 
 
 @_fused_linear_kd.register_fake
 def _(sh, sw, sb, th, tw, tb, labels, temperature, alpha, divergence, beta, ignore_index, softcap,
       reduction, chunk_size, need_grad):
-    want = need_grad and reduction != _NONE
     shape = (sh.shape[0],) if reduction == _NONE else ()
     loss = sh.new_empty(shape, dtype=_acc(sh))
-    return loss, _empty_or_like(sh, want), _empty_or_like(sw, want), (
-        _empty_or_like(sb, want) if sb is not None else sw.new_empty(0))
+    return loss, *_fake_grads(sh, sw, sb, need_grad if reduction != _NONE else 0)
 
 
 @_fused_linear_kd_backward.register_fake
 def _(grad_loss, sh, sw, sb, th, tw, tb, labels, temperature, alpha, divergence, beta, ignore_index,
-      softcap, chunk_size):
-    return torch.empty_like(sh), torch.empty_like(sw), (torch.empty_like(sb) if sb is not None
-                                                         else sw.new_empty(0))
+      softcap, chunk_size, need_grad):
+    return _fake_grads(sh, sw, sb, need_grad)
 
 
 def _dense_setup(ctx, inputs, output):
     (sh, sw, sb, th, tw, tb, labels, temperature, alpha, divergence, beta, ignore_index, softcap,
-     reduction, chunk_size, _need_grad) = inputs
+     reduction, chunk_size, need_grad) = inputs
     _, gh, gw, gb = output
-    ctx.reduction = reduction
-    ctx.has_bias = sb is not None
+    ctx.reduction, ctx.need = reduction, need_grad if sb is not None else need_grad & 3
     ctx.options = (temperature, alpha, divergence, beta, ignore_index, softcap, chunk_size)
     if reduction == _NONE:
         ctx.save_for_backward(sh, sw, sb, th, tw, tb, labels)
     else:
         ctx.save_for_backward(gh, gw, gb)
+
+
+def _scaled(ctx, grads: tuple[Tensor, Tensor, Tensor], grad_loss: Tensor, fn: str) -> tuple:
+    """The kept gradients times the incoming gradient; ``None`` for those not computed."""
+    if ctx.need == 0:
+        raise RuntimeError(f"{fn}: the forward ran without gradients (no_grad, or no student tensor "
+                           "requiring grad); run it again with grad enabled")
+    return tuple(g * grad_loss.to(g.dtype) if ctx.need & bit else None for g, bit in zip(grads, (1, 2, 4)))
 
 
 def _dense_backward(ctx, grad_loss, _gh, _gw, _gb):
@@ -285,17 +295,12 @@ def _dense_backward(ctx, grad_loss, _gh, _gw, _gb):
     if ctx.reduction == _NONE:
         sh, sw, sb, th, tw, tb, labels = ctx.saved_tensors
         temperature, alpha, divergence, beta, ignore_index, softcap, chunk_size = ctx.options
-        gh, gw, gb = torch.ops.kdfast.fused_linear_kd_backward(
+        need = sum(bit for bit, n in zip((1, 2, 4), ctx.needs_input_grad[:3]) if n)
+        grads = torch.ops.kdfast.fused_linear_kd_backward(
             grad_loss, sh, sw, sb, th, tw, tb, labels, temperature, alpha, divergence, beta, ignore_index,
-            softcap, chunk_size)
-    else:
-        gh, gw, gb = ctx.saved_tensors
-        if gh.numel() == 0 and gw.numel() == 0:
-            raise RuntimeError("fused_linear_kd_loss: the forward ran without gradients (no_grad, or no "
-                               "student tensor requiring grad); run it again with grad enabled")
-        gh, gw = gh * grad_loss.to(gh.dtype), gw * grad_loss.to(gw.dtype)
-        gb = gb * grad_loss.to(gb.dtype) if ctx.has_bias else None
-    return (gh, gw, gb if ctx.has_bias else None, *nones)
+            softcap, chunk_size, need)
+        return (*(g if bit & need else None for g, bit in zip(grads, (1, 2, 4))), *nones)
+    return (*_scaled(ctx, ctx.saved_tensors, grad_loss, "fused_linear_kd_loss"), *nones)
 
 
 _fused_linear_kd.register_autograd(_dense_backward, setup_context=_dense_setup)
@@ -328,13 +333,13 @@ def _sparse_chunk_loss(indices: Tensor, values: Tensor, labels: Optional[Tensor]
 @torch.library.custom_op("kdfast::fused_linear_sparse_kd", mutates_args=())
 def _fused_linear_sparse_kd(sh: Tensor, sw: Tensor, sb: Optional[Tensor], indices: Tensor, values: Tensor,
                             labels: Optional[Tensor], temperature: float, alpha: float, logprobs: bool,
-                            tail: int, ignore_index: int, reduction: int, chunk_size: int, need_grad: bool
+                            tail: int, ignore_index: int, reduction: int, chunk_size: int, need_grad: int
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     rows, vocab = sh.shape[0], sw.shape[0]
     with torch.no_grad():
         kept = _kept_rows(labels, ignore_index, rows, sh.device)
         chunk = _chunk_for(chunk_size, rows, vocab, sh, 0)
-        grads = _Grads(sh, sw, sb, need_grad and reduction != _NONE)
+        grads = _Grads(sh, sw, sb, need_grad if reduction != _NONE else 0)
         loss = _run_chunks(sh, sw, sb, rows, chunk,
                            _sparse_chunk_loss(indices, values, labels,
                                               (temperature, alpha, logprobs, tail, ignore_index)),
@@ -350,12 +355,13 @@ def _fused_linear_sparse_kd(sh: Tensor, sw: Tensor, sb: Optional[Tensor], indice
 def _fused_linear_sparse_kd_backward(grad_loss: Tensor, sh: Tensor, sw: Tensor, sb: Optional[Tensor],
                                      indices: Tensor, values: Tensor, labels: Optional[Tensor],
                                      temperature: float, alpha: float, logprobs: bool, tail: int,
-                                     ignore_index: int, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+                                     ignore_index: int, chunk_size: int, need_grad: int
+                                     ) -> tuple[Tensor, Tensor, Tensor]:
     rows, vocab = sh.shape[0], sw.shape[0]
     with torch.no_grad():
         kept = _kept_rows(labels, ignore_index, rows, sh.device)
         chunk = _chunk_for(chunk_size, rows, vocab, sh, 0)
-        grads = _Grads(sh, sw, sb, True)
+        grads = _Grads(sh, sw, sb, need_grad)
         _run_chunks(sh, sw, sb, rows, chunk,
                     _sparse_chunk_loss(indices, values, labels,
                                        (temperature, alpha, logprobs, tail, ignore_index)),
@@ -366,25 +372,22 @@ def _fused_linear_sparse_kd_backward(grad_loss: Tensor, sh: Tensor, sw: Tensor, 
 @_fused_linear_sparse_kd.register_fake
 def _(sh, sw, sb, indices, values, labels, temperature, alpha, logprobs, tail, ignore_index, reduction,
       chunk_size, need_grad):
-    want = need_grad and reduction != _NONE
     shape = (sh.shape[0],) if reduction == _NONE else ()
-    return sh.new_empty(shape, dtype=_acc(sh)), _empty_or_like(sh, want), _empty_or_like(sw, want), (
-        _empty_or_like(sb, want) if sb is not None else sw.new_empty(0))
+    loss = sh.new_empty(shape, dtype=_acc(sh))
+    return loss, *_fake_grads(sh, sw, sb, need_grad if reduction != _NONE else 0)
 
 
 @_fused_linear_sparse_kd_backward.register_fake
 def _(grad_loss, sh, sw, sb, indices, values, labels, temperature, alpha, logprobs, tail, ignore_index,
-      chunk_size):
-    return torch.empty_like(sh), torch.empty_like(sw), (torch.empty_like(sb) if sb is not None
-                                                         else sw.new_empty(0))
+      chunk_size, need_grad):
+    return _fake_grads(sh, sw, sb, need_grad)
 
 
 def _sparse_setup(ctx, inputs, output):
     (sh, sw, sb, indices, values, labels, temperature, alpha, logprobs, tail, ignore_index, reduction,
-     chunk_size, _need_grad) = inputs
+     chunk_size, need_grad) = inputs
     _, gh, gw, gb = output
-    ctx.reduction = reduction
-    ctx.has_bias = sb is not None
+    ctx.reduction, ctx.need = reduction, need_grad if sb is not None else need_grad & 3
     ctx.options = (temperature, alpha, logprobs, tail, ignore_index, chunk_size)
     if reduction == _NONE:
         ctx.save_for_backward(sh, sw, sb, indices, values, labels)
@@ -399,17 +402,12 @@ def _sparse_backward(ctx, grad_loss, _gh, _gw, _gb):
     if ctx.reduction == _NONE:
         sh, sw, sb, indices, values, labels = ctx.saved_tensors
         temperature, alpha, logprobs, tail, ignore_index, chunk_size = ctx.options
-        gh, gw, gb = torch.ops.kdfast.fused_linear_sparse_kd_backward(
+        need = sum(bit for bit, n in zip((1, 2, 4), ctx.needs_input_grad[:3]) if n)
+        grads = torch.ops.kdfast.fused_linear_sparse_kd_backward(
             grad_loss, sh, sw, sb, indices, values, labels, temperature, alpha, logprobs, tail,
-            ignore_index, chunk_size)
-    else:
-        gh, gw, gb = ctx.saved_tensors
-        if gh.numel() == 0 and gw.numel() == 0:
-            raise RuntimeError("fused_linear_sparse_kd_loss: the forward ran without gradients (no_grad, "
-                               "or no student tensor requiring grad); run it again with grad enabled")
-        gh, gw = gh * grad_loss.to(gh.dtype), gw * grad_loss.to(gw.dtype)
-        gb = gb * grad_loss.to(gb.dtype) if ctx.has_bias else None
-    return (gh, gw, gb if ctx.has_bias else None, *nones)
+            ignore_index, chunk_size, need)
+        return (*(g if bit & need else None for g, bit in zip(grads, (1, 2, 4))), *nones)
+    return (*_scaled(ctx, ctx.saved_tensors, grad_loss, "fused_linear_sparse_kd_loss"), *nones)
 
 
 _fused_linear_sparse_kd.register_autograd(_sparse_backward, setup_context=_sparse_setup)
@@ -473,8 +471,12 @@ def _check_chunk(fn: str, chunk_size: Optional[int]) -> int:
     return chunk_size
 
 
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_grad(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> int:
+    """The mask of the student gradients autograd will want: 1 hidden, 2 weight, 4 bias."""
+    if not torch.is_grad_enabled():
+        return 0
+    return (int(hidden.requires_grad) | int(weight.requires_grad) << 1
+            | int(bias is not None and bias.requires_grad) << 2)
 
 
 def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
