@@ -37,6 +37,9 @@ __all__ = ["FusedLinearKDLoss", "FusedLinearSparseKDLoss", "auto_chunk_size", "f
 
 _SUM, _NONE = REDUCTIONS.index("sum"), REDUCTIONS.index("none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+#: The devices the ops are registered for (the same composite code: torch's products and the
+#: loss kernels of each device).
+_DEVICES = ("cpu", "cuda")
 #: Bytes of chunk buffers (student logits, their gradient, teacher logits) aimed at on the CPU.
 CPU_CHUNK_BYTES = 128 << 20
 #: The most bytes of chunk buffers on a GPU (and at most a quarter of its free memory).
@@ -189,7 +192,7 @@ def _dense_chunk_loss(th: Tensor, tw: Tensor, tb: Optional[Tensor], labels: Opti
     return loss_of_chunk
 
 
-@torch.library.custom_op("kdfast::fused_linear_kd", mutates_args=())
+@torch.library.custom_op("kdfast::fused_linear_kd", mutates_args=(), device_types=_DEVICES)
 def _fused_linear_kd(sh: Tensor, sw: Tensor, sb: Optional[Tensor], th: Tensor, tw: Tensor,
                      tb: Optional[Tensor], labels: Optional[Tensor], temperature: float, alpha: float,
                      divergence: int, beta: float, ignore_index: int, softcap: float, reduction: int,
@@ -210,7 +213,7 @@ def _fused_linear_kd(sh: Tensor, sw: Tensor, sb: Optional[Tensor], th: Tensor, t
     return loss, gh, gw, gb
 
 
-@torch.library.custom_op("kdfast::fused_linear_kd_backward", mutates_args=())
+@torch.library.custom_op("kdfast::fused_linear_kd_backward", mutates_args=(), device_types=_DEVICES)
 def _fused_linear_kd_backward(grad_loss: Tensor, sh: Tensor, sw: Tensor, sb: Optional[Tensor], th: Tensor,
                               tw: Tensor, tb: Optional[Tensor], labels: Optional[Tensor],
                               temperature: float, alpha: float, divergence: int, beta: float,
@@ -330,7 +333,7 @@ def _sparse_chunk_loss(indices: Tensor, values: Tensor, labels: Optional[Tensor]
     return loss_of_chunk
 
 
-@torch.library.custom_op("kdfast::fused_linear_sparse_kd", mutates_args=())
+@torch.library.custom_op("kdfast::fused_linear_sparse_kd", mutates_args=(), device_types=_DEVICES)
 def _fused_linear_sparse_kd(sh: Tensor, sw: Tensor, sb: Optional[Tensor], indices: Tensor, values: Tensor,
                             labels: Optional[Tensor], temperature: float, alpha: float, logprobs: bool,
                             tail: int, ignore_index: int, reduction: int, chunk_size: int, need_grad: int
@@ -351,7 +354,7 @@ def _fused_linear_sparse_kd(sh: Tensor, sw: Tensor, sb: Optional[Tensor], indice
     return loss, gh, gw, gb
 
 
-@torch.library.custom_op("kdfast::fused_linear_sparse_kd_backward", mutates_args=())
+@torch.library.custom_op("kdfast::fused_linear_sparse_kd_backward", mutates_args=(), device_types=_DEVICES)
 def _fused_linear_sparse_kd_backward(grad_loss: Tensor, sh: Tensor, sw: Tensor, sb: Optional[Tensor],
                                      indices: Tensor, values: Tensor, labels: Optional[Tensor],
                                      temperature: float, alpha: float, logprobs: bool, tail: int,
