@@ -365,14 +365,16 @@ def check_targets(rows: Sequence[harness.Row], device: str) -> list:
         return [
             target(f"{label}: peak extra memory (GB)", mine and mine.peak_extra_bytes / 1e9, ".2f",
                    TARGET_GPU_PEAK_EXTRA_BYTES / 1e9, False),
-            target(f"{label}: time / Liger-Kernel's time", _ratio(mine, find(rows, "liger", *key), "median_ms"),
-                   ".2f", TARGET_GPU_TIME_OVER_LIGER, False),
+            target(f"{label}: time / Liger-Kernel's",
+                   _ratio(mine, find(rows, "liger", *key), "median_ms"), ".2f",
+                   TARGET_GPU_TIME_OVER_LIGER, False),
         ]
     key, label = CPU_TARGET_CASE, "CPU N=4096 H=576 V=49152 fp32 fwd+bwd"
     mine = find(rows, "kdfast", *key)
     return [
-        target(f"{label}: peak extra memory / eager's", _ratio(mine, find(rows, "eager", *key), "peak_extra_bytes"),
-               ".3f", TARGET_CPU_MEMORY_FRACTION_OF_EAGER, False, goal_text="<= 1/8 = 0.125"),
+        target(f"{label}: peak extra memory / eager's",
+               _ratio(mine, find(rows, "eager", *key), "peak_extra_bytes"), ".3f",
+               TARGET_CPU_MEMORY_FRACTION_OF_EAGER, False, goal_text="<= 1/8 = 0.125"),
         target(f"{label}: time / unfused kdfast's",
                _ratio(mine, find(rows, "kdfast-unfused", *key), "median_ms"), ".3f",
                TARGET_CPU_TIME_OVER_UNFUSED, False),
@@ -385,7 +387,8 @@ def check_targets(rows: Sequence[harness.Row], device: str) -> list:
 
 
 OPTIONS = (
-    Option("--fl-temperature", 2.0, "fused_linear: softmax temperature (default 2.0)", type=float, metavar="T"),
+    Option("--fl-temperature", 2.0, "fused_linear: softmax temperature (default 2.0)", type=float,
+           metavar="T"),
     Option("--fl-alpha", 0.0, "fused_linear: hard-label (cross-entropy) weight (default 0: pure KD)",
            type=float),
     Option("--fl-divergence", "forward_kl", "fused_linear: divergence (default forward_kl)",
@@ -404,7 +407,8 @@ def _notes(o: dict) -> list:
             "(`h_s.grad` `[N, H]`, `W_s.grad` `[V, H]`) count in the peak memory",
             "the `shape` column is `N x V` (the logits the unfused providers materialise); H = 576 for the "
             "n* shapes, 4096 for llama-n8192, 32 for tiny",
-            "eager and torch.compile compute in the input dtype (the usual code), kdfast's loss kernel in fp32",
+            "eager and torch.compile compute in the input dtype (the usual code), kdfast's loss kernel "
+            "in fp32",
             "losses checked against a float64 softmax of the fp32 products (row chunks)"]
 
 
