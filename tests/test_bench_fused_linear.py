@@ -81,7 +81,7 @@ def test_cases_and_inputs():
     assert c.shape == (4096, 49152) and dict(c.params)["hidden"] == 576
     assert c.logits_bytes == 4096 * 49152 * 4
     assert c.min_bytes == 4 * 3 * (4096 * 576 + 49152 * 576)
-    assert [c.name for c in bench.make_cases("cuda", dtypes=["bf16"], modes=["fwd"])][-1] == "llama-n8192"
+    assert [c.name for c in bench.make_cases("cuda", dtypes=["bf16"], modes=["fwd"])][-1] == "n8192"
     tiny = bench.make_cases("cpu", quick=True, dtypes=["bf16"], modes=["fwd"])[0]
     inputs = bench.make_inputs(tiny)
     assert inputs["h_s"].shape == (64, 32) and inputs["w_t"].shape == (512, 32)
@@ -119,8 +119,8 @@ def test_targets():
     assert [t[3] for t in bench.check_targets(rows, "cpu")] == [False, False]
     assert [t[3] for t in bench.check_targets(rows[1:], "cpu")] == [None, None]
 
-    gpu = [_row("kdfast", "llama-n8192", 90.0, 2.5e9, "bf16"),
-           _row("liger", "llama-n8192", 100.0, 5e9, "bf16")]
+    gpu = [_row("kdfast", "n8192", 90.0, 2.5e9, "bf16"),
+           _row("liger", "n8192", 100.0, 5e9, "bf16")]
     status = {name: (measured, passed) for name, measured, _, passed in bench.check_targets(gpu, "cuda")}
     assert status["GPU N=8192 H=4096 V=128256 bf16 fwd+bwd: peak extra memory (GB)"] == ("2.50", True)
     assert status["GPU N=8192 H=4096 V=128256 bf16 fwd+bwd: time / Liger-Kernel's"] == ("0.90", True)

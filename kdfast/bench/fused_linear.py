@@ -9,7 +9,7 @@ gradients of ``h_s`` and ``W_s`` (the teacher is frozen).
 
 Cases: the SmolLM-135M head (H=576, V=49152) over N = 512, 1024, 2048, 4096 tokens
 (``n512`` ... ``n4096``); on GPU also a Llama-3-8B head, N=8192, H=4096, V=128256
-(``llama-n8192``); ``--quick`` (or ``--shapes tiny``): N=64, H=32, V=512. Float32 and
+(``n8192``); ``--quick`` (or ``--shapes tiny``): N=64, H=32, V=512. Float32 and
 bfloat16, forward and forward + backward (a CPU run is meant as ``--dtypes fp32 --modes
 fwd+bwd``, a GPU run as ``--dtypes bf16``), at temperature 2 with pure soft-target KD
 (``--fl-temperature``, ``--fl-alpha``, ``--fl-divergence``).
@@ -69,7 +69,7 @@ SHAPES = {
     "n1024": (1024, 576, 49152, False),
     "n2048": (2048, 576, 49152, False),
     "n4096": (4096, 576, 49152, False),
-    "llama-n8192": (8192, 4096, 128256, True),
+    "n8192": (8192, 4096, 128256, True),
 }
 QUICK_SHAPES = {"tiny": (64, 32, 512, False)}
 ALL_SHAPES = {**SHAPES, **QUICK_SHAPES}
@@ -79,7 +79,7 @@ JSD_BETA = 0.5
 
 # The targets (checked in every run's markdown, see check_targets).
 CPU_TARGET_CASE = ("n4096", "fp32", "fwd+bwd")
-GPU_TARGET_CASE = ("llama-n8192", "bf16", "fwd+bwd")
+GPU_TARGET_CASE = ("n8192", "bf16", "fwd+bwd")
 TARGET_CPU_MEMORY_FRACTION_OF_EAGER = 1 / 8  # fused peak extra / eager peak extra
 TARGET_CPU_TIME_OVER_UNFUSED = 1.1  # fused time / unfused kdfast time
 TARGET_GPU_PEAK_EXTRA_BYTES = 3e9  # 3 GB
@@ -406,7 +406,7 @@ def _notes(o: dict) -> list:
             + "; batchmean over the N rows; the teacher frozen (no gradient), the student's gradients "
             "(`h_s.grad` `[N, H]`, `W_s.grad` `[V, H]`) count in the peak memory",
             "the `shape` column is `N x V` (the logits the unfused providers materialise); H = 576 for the "
-            "n* shapes, 4096 for llama-n8192, 32 for tiny",
+            "shapes n512 to n4096, 4096 for n8192, 32 for tiny",
             "eager and torch.compile compute in the input dtype (the usual code), kdfast's loss kernel "
             "in fp32",
             "losses checked against a float64 softmax of the fp32 products (row chunks)"]
@@ -414,8 +414,8 @@ def _notes(o: dict) -> list:
 
 BENCH = common.OpBench(
     name=NAME, op=OP,
-    summary="kdfast.fused_linear_kd_loss (LM-head products and KD loss chunk by chunk) against unfused "
-            "kdfast.kd_loss, eager PyTorch, torch.compile and Liger-Kernel's fused linear JSD.",
+    summary="kdfast.fused_linear_kd_loss (LM head products and KD loss chunk by chunk) against unfused "
+            "kdfast.kd_loss, eager PyTorch, torch.compile and the fused linear JSD of Liger Kernel.",
     shapes={k: (n, h, v) for k, (n, h, v, _) in SHAPES.items()},
     quick_shapes={k: (n, h, v) for k, (n, h, v, _) in QUICK_SHAPES.items()},
     gpu_only=frozenset(k for k, (*_, gpu) in ALL_SHAPES.items() if gpu),
