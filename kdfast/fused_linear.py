@@ -37,8 +37,10 @@ __all__ = ["FusedLinearKDLoss", "FusedLinearSparseKDLoss", "auto_chunk_size", "f
 
 _SUM, _NONE = REDUCTIONS.index("sum"), REDUCTIONS.index("none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float64)
-#: Bytes of chunk buffers (student logits, their gradient, teacher logits) aimed at on the CPU.
-CPU_CHUNK_BYTES = 128 << 20
+#: Bytes of chunk buffers (student logits, their gradient, teacher logits) aimed at on the CPU:
+#: 512 rows of the SmolLM head (V=49152, fp32), the fastest of 128 to 1024 rows measured there
+#: (benchmarks/results/cpu-intel-xeon-2c/fused_linear_chunks.md).
+CPU_CHUNK_BYTES = 288 << 20
 #: The most bytes of chunk buffers on a GPU (and at most a quarter of its free memory).
 GPU_CHUNK_BYTES = 2 << 30
 
@@ -51,7 +53,7 @@ def auto_chunk_size(rows: int, vocab: int, bytes_per_logit: int, device: torch.d
     Example::
 
         >>> auto_chunk_size(8192, 49152, 12, torch.device("cpu"))
-        224
+        512
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
