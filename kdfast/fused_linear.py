@@ -40,8 +40,10 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 #: The devices the ops are registered for (the same composite code: torch's products and the
 #: loss kernels of each device).
 _DEVICES = ("cpu", "cuda")
-#: Bytes of chunk buffers (student logits, their gradient, teacher logits) aimed at on the CPU.
-CPU_CHUNK_BYTES = 128 << 20
+#: Bytes of chunk buffers (student logits, their gradient, teacher logits) aimed at on the CPU:
+#: 512 rows of the SmolLM head (V=49152, fp32), the fastest of 128 to 1024 rows measured there
+#: (benchmarks/results/cpu-intel-xeon-2c/fused_linear_chunks.md).
+CPU_CHUNK_BYTES = 288 << 20
 #: The most bytes of chunk buffers on a GPU (and at most a quarter of its free memory).
 GPU_CHUNK_BYTES = 2 << 30
 
@@ -54,7 +56,7 @@ def auto_chunk_size(rows: int, vocab: int, bytes_per_logit: int, device: torch.d
     Example::
 
         >>> auto_chunk_size(8192, 49152, 12, torch.device("cpu"))
-        224
+        512
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -74,8 +76,11 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _linear(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    return torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
+def _linear(h: Tensor, w: Tensor, b: Optional[Tensor], buf: Optional[Tensor] = None) -> Tensor:
+    """``h @ w.T + b``, written into the first rows of ``buf`` when given (a chunk buffer
+    allocated once: fresh ``chunk x V`` allocations cost page faults on every chunk)."""
+    out = None if buf is None else buf[:h.shape[0]]
+    return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
 
 
 def _kept_rows(labels: Optional[Tensor], ignore_index: int, rows: int, device: torch.device
@@ -141,12 +146,15 @@ def _run_chunks(h: Tensor, w: Tensor, b: Optional[Tensor], rows: int, chunk: int
     total = torch.zeros((), dtype=acc, device=h.device)
     per_row = torch.zeros(rows, dtype=acc, device=h.device) if reduction == _NONE else None
     hk = h if kept is None else h.index_select(0, kept)
+    # the student logits of every chunk go to one buffer: the loss kernel returns the logit
+    # gradient in a new tensor, and a chunk's logits are dropped before the next chunk
+    s_buf = h.new_empty(min(chunk, n), w.shape[0]) if n > 0 else None
     gh = grads.h if kept is None or not grads.want_h else torch.empty_like(hk)
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         where = slice(lo, hi) if kept is None else kept[lo:hi]
         hc = hk[lo:hi]
-        s = _linear(hc, w, b)
+        s = _linear(hc, w, b, s_buf)
         loss, g = loss_of_chunk(s, where, grads.want, _NONE if reduction == _NONE else _SUM)
         del s
         if per_row is not None:
@@ -179,8 +187,12 @@ def _dense_chunk_loss(th: Tensor, tw: Tensor, tb: Optional[Tensor], labels: Opti
                       opts: tuple):
     temperature, alpha, divergence, beta, ignore_index, softcap = opts
 
+    buf: list[Tensor] = []              # the teacher logits' buffer, sized by the first (largest) chunk
+
     def loss_of_chunk(s: Tensor, where, need: bool, reduction: int) -> tuple[Tensor, Tensor]:
-        t = _linear(th[where], tw, tb)
+        if not buf:
+            buf.append(th.new_empty(s.shape[0], tw.shape[0]))
+        t = _linear(th[where], tw, tb, buf[0])
         lab = None if labels is None else labels[where]
         args = (s, t, lab, temperature, alpha, divergence, beta, ignore_index, softcap, reduction, need,
                 False)

@@ -947,7 +947,7 @@ def test_labels_out_of_range():
 def test_auto_chunk_size_arithmetic():
     cpu = torch.device("cpu")
     budget = fused_linear.CPU_CHUNK_BYTES
-    assert fused_linear.auto_chunk_size(8192, 49152, 12, cpu) == 224     # the docstring's example
+    assert fused_linear.auto_chunk_size(8192, 49152, 12, cpu) == 512     # the docstring's example
     raw = budget // (49152 * 12)
     assert fused_linear.auto_chunk_size(10 ** 6, 49152, 12, cpu) == raw - raw % 16
     assert fused_linear.auto_chunk_size(10, 49152, 12, cpu) == 10        # never more than the rows

@@ -4,8 +4,8 @@
 (timing, peak memory, copy bandwidth, machine description, CSV / markdown / PNG);
 ``common`` the driver (command line, run, loss check, targets); one module per op
 its cases, providers and targets: ``kd_loss``, ``feature_loss``,
-``attention_transfer``, ``dkd``, ``topk_logits``, ``sample_logits``, ``sparse_kd``
-(the names of :data:`BENCHMARKS`, also the values of ``kdfast bench --op``);
+``attention_transfer``, ``dkd``, ``topk_logits``, ``sample_logits``, ``sparse_kd``,
+``fused_linear`` (the names of :data:`BENCHMARKS`, also the values of ``kdfast bench --op``);
 ``cache`` benchmarks the teacher cache with its own runner (:data:`SEPARATE`).
 Run ``python -m kdfast bench --help``.
 
@@ -16,7 +16,7 @@ Example::
     >>> from kdfast import bench
     >>> [b.op for b in bench.load_all()]
     ['kd_loss', 'feature_loss', 'attention_transfer_loss', 'dkd_loss', 'topk_logits', 'sample_logits',
-     'sparse_kd_loss']
+     'sparse_kd_loss', 'fused_linear_kd_loss']
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 
 BENCHMARKS = ("kd_loss", "feature_loss", "attention_transfer", "dkd", "topk_logits", "sample_logits",
-              "sparse_kd")
+              "sparse_kd", "fused_linear")
 # benchmarks with their own runner, not a grid of loss providers: kdfast.bench.<name>.run(args)
 SEPARATE = ("cache",)
 
