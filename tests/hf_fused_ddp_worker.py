@@ -73,5 +73,15 @@ def main() -> int:
     return 0
 
 
+def _shutdown() -> None:
+    """End the process group the Trainer started (left to interpreter exit, gloo's threads
+    can abort a rank with "terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    _shutdown()
+    sys.exit(code)
