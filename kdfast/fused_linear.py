@@ -204,25 +204,62 @@ def _dense_chunk_loss(th: Tensor, tw: Tensor, tb: Optional[Tensor], labels: Opti
     return loss_of_chunk
 
 
-@torch.library.custom_op("kdfast::fused_linear_kd", mutates_args=(), device_types=_DEVICES)
-def _fused_linear_kd(sh: Tensor, sw: Tensor, sb: Optional[Tensor], th: Tensor, tw: Tensor,
-                     tb: Optional[Tensor], labels: Optional[Tensor], temperature: float, alpha: float,
-                     divergence: int, beta: float, ignore_index: int, softcap: float, reduction: int,
-                     chunk_size: int, need_grad: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _forward_pass(sh: Tensor, sw: Tensor, sb: Optional[Tensor], labels: Optional[Tensor], ignore_index: int,
+                  reduction: int, chunk_size: int, need_grad: int, teacher_bytes: int, loss_of_chunk
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward of both ops: the chunk loop, the reduction, and the kept gradients
+    (``need_grad``, not for ``"none"``) scaled by it. ``teacher_bytes``: the teacher's
+    bytes per logit in a chunk (0 for a sparse teacher)."""
     rows, vocab = sh.shape[0], sw.shape[0]
     with torch.no_grad():
         kept = _kept_rows(labels, ignore_index, rows, sh.device)
-        chunk = _chunk_for(chunk_size, rows, vocab, sh, tw.element_size())
+        chunk = _chunk_for(chunk_size, rows, vocab, sh, teacher_bytes)
         grads = _Grads(sh, sw, sb, need_grad if reduction != _NONE else 0)
-        loss = _run_chunks(sh, sw, sb, rows, chunk,
-                           _dense_chunk_loss(th, tw, tb, labels, (temperature, alpha, divergence, beta,
-                                                                   ignore_index, softcap)),
-                           kept, reduction, grads)
+        loss = _run_chunks(sh, sw, sb, rows, chunk, loss_of_chunk, kept, reduction, grads)
         loss, scale = _reduce(loss, labels, ignore_index, rows, kept, reduction)
         gh, gw, gb = grads.result(sw, sb)
         if grads.want and scale is not None:
             gh, gw, gb = gh.mul_(scale.to(gh.dtype)), gw.mul_(scale.to(gw.dtype)), gb.mul_(scale.to(gb.dtype))
     return loss, gh, gw, gb
+
+
+def _recompute_pass(grad_loss: Tensor, sh: Tensor, sw: Tensor, sb: Optional[Tensor], labels: Optional[Tensor],
+                    ignore_index: int, chunk_size: int, need_grad: int, teacher_bytes: int, loss_of_chunk
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-row (``reduction="none"``) backward of both ops: the products again, each
+    row's logit gradient weighted by its incoming gradient."""
+    rows, vocab = sh.shape[0], sw.shape[0]
+    with torch.no_grad():
+        kept = _kept_rows(labels, ignore_index, rows, sh.device)
+        chunk = _chunk_for(chunk_size, rows, vocab, sh, teacher_bytes)
+        grads = _Grads(sh, sw, sb, need_grad)
+        _run_chunks(sh, sw, sb, rows, chunk, loss_of_chunk, kept, _NONE, grads, weights=grad_loss)
+        return grads.result(sw, sb)
+
+
+def _fake_forward(sh: Tensor, sw: Tensor, sb: Optional[Tensor], reduction: int, need: int) -> tuple:
+    shape = (sh.shape[0],) if reduction == _NONE else ()
+    return sh.new_empty(shape, dtype=_acc(sh)), *_fake_grads(sh, sw, sb, need if reduction != _NONE else 0)
+
+
+def _backward_of(ctx, grad_loss: Tensor, recompute, fn: str) -> tuple:
+    """The autograd backward of both ops: the kept gradients scaled, or for ``"none"``
+    ``recompute(need)`` -> the gradients recomputed with the row weights."""
+    if ctx.reduction == _NONE:
+        need = sum(bit for bit, n in zip((1, 2, 4), ctx.needs_input_grad[:3]) if n)
+        return tuple(g if bit & need else None for g, bit in zip(recompute(need), (1, 2, 4)))
+    return _scaled(ctx, ctx.saved_tensors, grad_loss, fn)
+
+
+@torch.library.custom_op("kdfast::fused_linear_kd", mutates_args=(), device_types=_DEVICES)
+def _fused_linear_kd(sh: Tensor, sw: Tensor, sb: Optional[Tensor], th: Tensor, tw: Tensor,
+                     tb: Optional[Tensor], labels: Optional[Tensor], temperature: float, alpha: float,
+                     divergence: int, beta: float, ignore_index: int, softcap: float, reduction: int,
+                     chunk_size: int, need_grad: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    chunk_loss = _dense_chunk_loss(th, tw, tb, labels, (temperature, alpha, divergence, beta, ignore_index,
+                                                        softcap))
+    return _forward_pass(sh, sw, sb, labels, ignore_index, reduction, chunk_size, need_grad,
+                         tw.element_size(), chunk_loss)
 
 
 @torch.library.custom_op("kdfast::fused_linear_kd_backward", mutates_args=(), device_types=_DEVICES)
@@ -231,18 +268,10 @@ def _fused_linear_kd_backward(grad_loss: Tensor, sh: Tensor, sw: Tensor, sb: Opt
                               temperature: float, alpha: float, divergence: int, beta: float,
                               ignore_index: int, softcap: float, chunk_size: int, need_grad: int
                               ) -> tuple[Tensor, Tensor, Tensor]:
-    """The per-row (``reduction="none"``) backward: the products again, each row's logit
-    gradient weighted by its incoming gradient."""
-    rows, vocab = sh.shape[0], sw.shape[0]
-    with torch.no_grad():
-        kept = _kept_rows(labels, ignore_index, rows, sh.device)
-        chunk = _chunk_for(chunk_size, rows, vocab, sh, tw.element_size())
-        grads = _Grads(sh, sw, sb, need_grad)
-        _run_chunks(sh, sw, sb, rows, chunk,
-                    _dense_chunk_loss(th, tw, tb, labels, (temperature, alpha, divergence, beta,
-                                                           ignore_index, softcap)),
-                    kept, _NONE, grads, weights=grad_loss)
-        return grads.result(sw, sb)
+    return _recompute_pass(grad_loss, sh, sw, sb, labels, ignore_index, chunk_size, need_grad,
+                           tw.element_size(),
+                           _dense_chunk_loss(th, tw, tb, labels, (temperature, alpha, divergence, beta,
+                                                                  ignore_index, softcap)))
 
 
 def _reduce(loss: Tensor, labels: Optional[Tensor], ignore_index: int, rows: int, kept: Optional[Tensor],
@@ -272,9 +301,7 @@ def _fake_grads(sh: Tensor, sw: Tensor, sb: Optional[Tensor], need: int) -> tupl
 @_fused_linear_kd.register_fake
 def _(sh, sw, sb, th, tw, tb, labels, temperature, alpha, divergence, beta, ignore_index, softcap,
       reduction, chunk_size, need_grad):
-    shape = (sh.shape[0],) if reduction == _NONE else ()
-    loss = sh.new_empty(shape, dtype=_acc(sh))
-    return loss, *_fake_grads(sh, sw, sb, need_grad if reduction != _NONE else 0)
+    return _fake_forward(sh, sw, sb, reduction, need_grad)
 
 
 @_fused_linear_kd_backward.register_fake
@@ -307,15 +334,10 @@ def _dense_backward(ctx, grad_loss, _gh, _gw, _gb):
     nones = (None,) * 13
     if grad_loss is None:
         return (None, None, None, *nones)
-    if ctx.reduction == _NONE:
-        sh, sw, sb, th, tw, tb, labels = ctx.saved_tensors
-        temperature, alpha, divergence, beta, ignore_index, softcap, chunk_size = ctx.options
-        need = sum(bit for bit, n in zip((1, 2, 4), ctx.needs_input_grad[:3]) if n)
-        grads = torch.ops.kdfast.fused_linear_kd_backward(
-            grad_loss, sh, sw, sb, th, tw, tb, labels, temperature, alpha, divergence, beta, ignore_index,
-            softcap, chunk_size, need)
-        return (*(g if bit & need else None for g, bit in zip(grads, (1, 2, 4))), *nones)
-    return (*_scaled(ctx, ctx.saved_tensors, grad_loss, "fused_linear_kd_loss"), *nones)
+
+    def recompute(need: int) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ops.kdfast.fused_linear_kd_backward(grad_loss, *ctx.saved_tensors, *ctx.options, need)
+    return (*_backward_of(ctx, grad_loss, recompute, "fused_linear_kd_loss"), *nones)
 
 
 _fused_linear_kd.register_autograd(_dense_backward, setup_context=_dense_setup)
@@ -350,20 +372,9 @@ def _fused_linear_sparse_kd(sh: Tensor, sw: Tensor, sb: Optional[Tensor], indice
                             labels: Optional[Tensor], temperature: float, alpha: float, logprobs: bool,
                             tail: int, ignore_index: int, reduction: int, chunk_size: int, need_grad: int
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    rows, vocab = sh.shape[0], sw.shape[0]
-    with torch.no_grad():
-        kept = _kept_rows(labels, ignore_index, rows, sh.device)
-        chunk = _chunk_for(chunk_size, rows, vocab, sh, 0)
-        grads = _Grads(sh, sw, sb, need_grad if reduction != _NONE else 0)
-        loss = _run_chunks(sh, sw, sb, rows, chunk,
-                           _sparse_chunk_loss(indices, values, labels,
-                                              (temperature, alpha, logprobs, tail, ignore_index)),
-                           kept, reduction, grads)
-        loss, scale = _reduce(loss, labels, ignore_index, rows, kept, reduction)
-        gh, gw, gb = grads.result(sw, sb)
-        if grads.want and scale is not None:
-            gh, gw, gb = gh.mul_(scale.to(gh.dtype)), gw.mul_(scale.to(gw.dtype)), gb.mul_(scale.to(gb.dtype))
-    return loss, gh, gw, gb
+    return _forward_pass(sh, sw, sb, labels, ignore_index, reduction, chunk_size, need_grad, 0,
+                         _sparse_chunk_loss(indices, values, labels,
+                                            (temperature, alpha, logprobs, tail, ignore_index)))
 
 
 @torch.library.custom_op("kdfast::fused_linear_sparse_kd_backward", mutates_args=(), device_types=_DEVICES)
@@ -372,24 +383,15 @@ def _fused_linear_sparse_kd_backward(grad_loss: Tensor, sh: Tensor, sw: Tensor, 
                                      temperature: float, alpha: float, logprobs: bool, tail: int,
                                      ignore_index: int, chunk_size: int, need_grad: int
                                      ) -> tuple[Tensor, Tensor, Tensor]:
-    rows, vocab = sh.shape[0], sw.shape[0]
-    with torch.no_grad():
-        kept = _kept_rows(labels, ignore_index, rows, sh.device)
-        chunk = _chunk_for(chunk_size, rows, vocab, sh, 0)
-        grads = _Grads(sh, sw, sb, need_grad)
-        _run_chunks(sh, sw, sb, rows, chunk,
-                    _sparse_chunk_loss(indices, values, labels,
-                                       (temperature, alpha, logprobs, tail, ignore_index)),
-                    kept, _NONE, grads, weights=grad_loss)
-        return grads.result(sw, sb)
+    return _recompute_pass(grad_loss, sh, sw, sb, labels, ignore_index, chunk_size, need_grad, 0,
+                           _sparse_chunk_loss(indices, values, labels,
+                                              (temperature, alpha, logprobs, tail, ignore_index)))
 
 
 @_fused_linear_sparse_kd.register_fake
 def _(sh, sw, sb, indices, values, labels, temperature, alpha, logprobs, tail, ignore_index, reduction,
       chunk_size, need_grad):
-    shape = (sh.shape[0],) if reduction == _NONE else ()
-    loss = sh.new_empty(shape, dtype=_acc(sh))
-    return loss, *_fake_grads(sh, sw, sb, need_grad if reduction != _NONE else 0)
+    return _fake_forward(sh, sw, sb, reduction, need_grad)
 
 
 @_fused_linear_sparse_kd_backward.register_fake
@@ -414,15 +416,11 @@ def _sparse_backward(ctx, grad_loss, _gh, _gw, _gb):
     nones = (None,) * 11
     if grad_loss is None:
         return (None, None, None, *nones)
-    if ctx.reduction == _NONE:
-        sh, sw, sb, indices, values, labels = ctx.saved_tensors
-        temperature, alpha, logprobs, tail, ignore_index, chunk_size = ctx.options
-        need = sum(bit for bit, n in zip((1, 2, 4), ctx.needs_input_grad[:3]) if n)
-        grads = torch.ops.kdfast.fused_linear_sparse_kd_backward(
-            grad_loss, sh, sw, sb, indices, values, labels, temperature, alpha, logprobs, tail,
-            ignore_index, chunk_size, need)
-        return (*(g if bit & need else None for g, bit in zip(grads, (1, 2, 4))), *nones)
-    return (*_scaled(ctx, ctx.saved_tensors, grad_loss, "fused_linear_sparse_kd_loss"), *nones)
+
+    def recompute(need: int) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ops.kdfast.fused_linear_sparse_kd_backward(grad_loss, *ctx.saved_tensors, *ctx.options,
+                                                                need)
+    return (*_backward_of(ctx, grad_loss, recompute, "fused_linear_sparse_kd_loss"), *nones)
 
 
 _fused_linear_sparse_kd.register_autograd(_sparse_backward, setup_context=_sparse_setup)
